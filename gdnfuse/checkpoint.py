@@ -1,0 +1,131 @@
+"""A local checkpoint directory: config, shard headers, index, side files. Read-only.
+
+Opening a checkpoint reads only config.json, the index and each shard's header, so it is
+fast on an 800 GB model, and it refuses inconsistent input (a tensor in two shards, an
+index naming a missing file or tensor) before anything is planned or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.model import TensorRef
+from gdnfuse.safetensors_file import SafetensorsHeader, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# Files a converted checkpoint must not carry along: weight duplicates in other formats
+# would still hold the split projections, and caches are not part of the model.
+SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+SKIPPED_DIRS = ("original", ".cache", ".git", ".huggingface")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What gdnfuse knows about a source directory, without having read any tensor data."""
+
+    root: Path
+    config: Mapping[str, Any]
+    shards: Mapping[str, SafetensorsHeader]  # file name (relative) -> header
+    index: Mapping[str, Any] | None
+    side_files: tuple[str, ...]  # relative paths to copy as they are
+
+    @property
+    def tensors(self) -> dict[str, TensorRef]:
+        return {
+            t.name: TensorRef(name, t)
+            for name, header in self.shards.items()
+            for t in header.tensors
+        }
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.file_size for h in self.shards.values())
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise GdnfuseError(f"cannot read: {e.strerror or e}", path=str(path)) from None
+    except ValueError as e:
+        raise GdnfuseError(f"not valid JSON ({e})", path=str(path)) from None
+
+
+def list_files(root: Path) -> list[str]:
+    """Relative paths of regular files under ``root``, skipping caches and weight duplicates."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+        rel = Path(dirpath).relative_to(root)
+        for f in sorted(filenames):
+            if f.startswith(".") or f.endswith(SKIPPED_SUFFIXES):
+                continue
+            out.append(str(rel / f) if rel != Path(".") else f)
+    return out
+
+
+def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
+    """Read and cross-check a checkpoint directory's config, index and shard headers."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GdnfuseError("not a directory", path=str(root))
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise GdnfuseError("no config.json: not a Hugging Face checkpoint", path=str(root))
+    config = _load_json(config_path)
+    if not isinstance(config, dict):
+        raise GdnfuseError("config is not a JSON object", path=str(config_path))
+    files = list_files(root)
+    index = _load_json(root / INDEX_NAME) if INDEX_NAME in files else None
+    shard_names = sorted(f for f in files if f.endswith(".safetensors"))
+    if index is not None:
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise GdnfuseError("index has no weight_map object", path=str(root / INDEX_NAME))
+        for name in sorted(set(weight_map.values())):
+            if name not in shard_names:
+                tensor = next(k for k, v in weight_map.items() if v == name)
+                raise GdnfuseError(
+                    f"index names shard {name}, which is missing",
+                    path=str(root / INDEX_NAME),
+                    tensor=tensor,
+                )
+    if not shard_names:
+        raise GdnfuseError("no *.safetensors files", path=str(root))
+    shards = {name: read_header(root / name) for name in shard_names}
+    seen: dict[str, str] = {}
+    for name, header in shards.items():
+        for t in header.tensors:
+            if t.name in seen:
+                raise GdnfuseError(
+                    f"tensor is in two shards, {seen[t.name]} and {name}",
+                    path=str(root / name),
+                    tensor=t.name,
+                )
+            seen[t.name] = name
+    if index is not None:
+        for tensor, name in index["weight_map"].items():
+            if seen.get(tensor) != name:
+                where = f"it is in {seen[tensor]}" if tensor in seen else "no shard has it"
+                raise GdnfuseError(
+                    f"index maps tensor to {name} but {where}",
+                    path=str(root / INDEX_NAME),
+                    tensor=tensor,
+                )
+        unlisted = sorted(set(seen) - set(index["weight_map"]))
+        if unlisted:
+            raise GdnfuseError(
+                f"{len(unlisted)} tensor(s) in shards are missing from the index",
+                path=str(root / seen[unlisted[0]]),
+                tensor=unlisted[0],
+            )
+    side = tuple(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_NAME,))
+    return Checkpoint(root, config, shards, index, side)

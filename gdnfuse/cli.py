@@ -1,0 +1,283 @@
+"""``gdnfuse`` command line: a thin typer layer over :mod:`gdnfuse.convert` and friends.
+
+Exit codes: 0 success; 1 a verification check failed; 2 bad input or usage (one line on
+stderr naming the file and tensor), including an interrupted run (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.executor import ExecuteOptions
+from gdnfuse.layout import Layout
+
+app = typer.Typer(
+    help="Fuse Qwen3.5 Gated DeltaNet input projections (in_proj_qkv/z/b/a -> in_proj_qkvz/ba) "
+    "offline, bit for bit, at disk speed; and verify the result.\n\n"
+    "Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+LayoutOpt = Annotated[
+    Layout,
+    typer.Option(
+        "--layout",
+        help="qwen3-next: per key-head group, what Qwen3-Next loaders expect (TP-invariant). "
+        "tp-blocked: each TP rank's rows contiguous as [q|k|v|z], for pre-sharded loaders.",
+    ),
+]
+TpOpt = Annotated[
+    int, typer.Option("--tp", min=1, help="Tensor-parallel size; must divide linear_num_key_heads.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def _fail(e: GdnfuseError | str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+@contextmanager
+def _errors():
+    try:
+        yield
+    except GdnfuseError as e:
+        raise _fail(e) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _summary_table(title: str, summary: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        if key.startswith("bytes_"):
+            value = f"{_human(value)} ({value:,} B)"
+        elif key == "layers":
+            value = f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
+        table.add_row(key, str(value))
+    return table
+
+
+def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: str | None,
+             headers_only: bool) -> tuple[Path, dict[str, Any] | None]:  # fmt: skip
+    """A local directory, or a Hub repo id fetched into the Hugging Face cache."""
+    if Path(source).is_dir() or not _looks_like_repo(source):
+        return Path(source), None
+    from gdnfuse import hub
+
+    return hub.fetch(source, revision=revision, cache_dir=cache_dir, token=token,
+                     headers_only=headers_only)  # fmt: skip
+
+
+def _looks_like_repo(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+RevisionOpt = Annotated[
+    str | None, typer.Option(help="Hub revision (branch, tag or commit) of a repo-id SOURCE.")
+]
+CacheOpt = Annotated[Path | None, typer.Option(help="Hugging Face cache directory.")]
+TokenOpt = Annotated[
+    str | None, typer.Option(help="Hugging Face token (default: HF_TOKEN or the saved login).")
+]
+
+
+@app.command()
+def inspect(
+    source: Annotated[str, typer.Argument(help="Model directory or Hub repo id (org/name).")],
+    layout: LayoutOpt = Layout.QWEN3_NEXT,
+    tp: TpOpt = 1,
+    json_out: JsonOpt = False,
+    revision: RevisionOpt = None,
+    cache_dir: CacheOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Show what a conversion would change: GDN layers, valid --tp values, bytes rewritten vs
+    copied or linked. Reads only config.json, the index and the safetensors headers."""
+    from gdnfuse.convert import plan_source
+
+    with _errors():
+        path, record = _resolve(source, revision, cache_dir, token, headers_only=True)
+        cplan = plan_source(path, layout, tp, record)
+    summary = cplan.summary()
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        out.print(_summary_table(f"gdnfuse inspect {source}", summary))
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="Model directory or Hub repo id (org/name).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new).")],
+    tp: TpOpt = 1,
+    layout: LayoutOpt = Layout.QWEN3_NEXT,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the full plan; write nothing.")
+    ] = False,
+    link: Annotated[
+        bool,
+        typer.Option(
+            "--link/--copy",
+            help="Hard-link shards without GDN tensors instead of copying them (same "
+            "filesystem only). Default --copy: the output shares no inode with the source.",
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Files written in parallel.")] = min(
+        4, os.cpu_count() or 1
+    ),
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted run (same options), reusing done files.")
+    ] = False,
+    checksum: Annotated[
+        bool, typer.Option(help="Record sha256 of every output file in the manifest.")
+    ] = False,
+    fsync: Annotated[bool, typer.Option(help="fsync each file before it is renamed.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
+    json_out: JsonOpt = False,
+    revision: RevisionOpt = None,
+    cache_dir: CacheOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Convert a Qwen3.5 checkpoint into one with fused in_proj_qkvz / in_proj_ba.
+
+    Every other tensor is copied byte for byte; the fused tensors are exact row
+    permutations. The layout, tp and source are recorded in config.json ("gdnfuse") and
+    in each rewritten shard's __metadata__.
+    """
+    from gdnfuse.convert import convert as run_convert
+    from gdnfuse.convert import plan_source
+
+    with _errors():
+        if overwrite and resume:
+            raise GdnfuseError("--overwrite and --resume exclude each other")
+        path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run)
+        if dry_run:
+            cplan = plan_source(path, layout, tp, record)
+            if json_out:
+                print(json.dumps({"summary": cplan.summary(), "record": cplan.record,
+                                  "files": cplan.plan.to_json()}))  # fmt: skip
+            else:
+                out.print(_summary_table(f"plan for {out_dir} (dry run)", cplan.summary()))
+                table = Table("output file", "size", "how")
+                for f in cplan.plan.files:
+                    how = "copy/link" if f.whole_source else (
+                        f"rewrite ({len(f.extents)} ranges)" if f.extents else "new")  # fmt: skip
+                    table.add_row(f.name, _human(f.size), how)
+                out.print(table)
+            return
+        options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
+                                 checksum=checksum, fsync=fsync)  # fmt: skip
+        show = not quiet and not json_out and err.is_terminal
+        with _progress(show) as (on_plan, advance):
+            try:
+                result = run_convert(
+                    path, out_dir, layout=layout, tp=tp, options=options,
+                    progress=advance, on_plan=on_plan, record_source=record,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                raise GdnfuseError(
+                    "interrupted; nothing in the output looks complete. Finish with: "
+                    f"gdnfuse convert {source} --out {out_dir} --resume (same options)"
+                ) from None
+    if json_out:
+        print(json.dumps(result.summary()))
+    elif not quiet:
+        out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()))
+
+
+@contextmanager
+def _progress(show: bool):
+    """A byte progress bar with throughput and ETA on a terminal; nothing otherwise."""
+    if not show:
+        yield (lambda plan: None), None
+        return
+    bar = Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    )  # fmt: skip
+    task = bar.add_task("converting", total=None)
+    with bar:
+        yield (
+            lambda plan: bar.update(task, total=plan.plan.total_bytes),
+            lambda n: bar.advance(task, n),
+        )
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to write the example (default: a temp dir).")
+    ] = None,
+    tp: TpOpt = 2,
+) -> None:
+    """Make a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), convert it with --tp 2 in
+    both layouts, verify each against the source, and show the results."""
+    from gdnfuse.convert import convert as run_convert
+    from gdnfuse.synthetic import write_checkpoint
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="gdnfuse-demo-"))
+    src = write_checkpoint(root / "qwen3.5-tiny", "tiny", shard_bytes=200_000, dtype="BF16")
+    out.print(f"wrote example checkpoint [bold]{src}[/]")
+    status = 0
+    for layout in Layout:
+        dst = root / f"fused-{layout}"
+        with _errors():
+            result = run_convert(src, dst, layout=layout, tp=tp,
+                                 options=ExecuteOptions(overwrite=True))  # fmt: skip
+        out.print(_summary_table(f"gdnfuse convert {src.name} --out {dst.name} --tp {tp} "
+                                 f"--layout {layout}", result.summary()))  # fmt: skip
+        status |= _demo_verify(dst, src, tp)
+    raise typer.Exit(status)
+
+
+def _demo_verify(dst: Path, src: Path, tp: int) -> int:
+    try:
+        from gdnfuse.verify import verify as run_verify
+    except ImportError:  # verify needs torch; the converter does not
+        out.print("[yellow]verify skipped: torch is not installed[/]")
+        return 0
+    report = run_verify(dst, against=src, tp=tp)
+    out.print(report.table())
+    return 0 if report.ok else 1
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `gdnfuse ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

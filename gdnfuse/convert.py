@@ -1,0 +1,138 @@
+"""The Python API behind ``gdnfuse inspect`` and ``gdnfuse convert``.
+
+Orchestration only: open the source (local or Hub), plan (:mod:`gdnfuse.fusion`), check
+the destination and free space, execute (:mod:`gdnfuse.executor`), write the manifest.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gdnfuse.checkpoint import open_checkpoint
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.executor import ExecuteOptions, FileResult, ProgressFn, execute
+from gdnfuse.fusion import ConversionPlan, plan_conversion
+from gdnfuse.layout import Layout
+from gdnfuse.plan import OutputFile
+
+MANIFEST_NAME = "gdnfuse-manifest.json"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    plan: ConversionPlan
+    out: Path
+    files: tuple[FileResult, ...]
+    seconds: float
+
+    @property
+    def bytes_linked(self) -> int:
+        return sum(f.size for f in self.files if f.linked)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(f.size for f in self.files if not f.linked and not f.resumed)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.plan.summary()
+        s.update(
+            out=str(self.out),
+            seconds=round(self.seconds, 3),
+            bytes_written=self.bytes_written,
+            bytes_linked=self.bytes_linked,
+            files_resumed=sum(f.resumed for f in self.files),
+            throughput_mb_s=round(self.bytes_written / max(self.seconds, 1e-9) / 1e6, 1),
+        )
+        return s
+
+
+def plan_source(
+    source: str | os.PathLike[str],
+    layout: Layout = Layout.QWEN3_NEXT,
+    tp: int = 1,
+    record_source: Mapping[str, Any] | None = None,
+) -> ConversionPlan:
+    """Plan the conversion of a local checkpoint directory (reads headers only)."""
+    return plan_conversion(open_checkpoint(source), Layout(layout), tp, record_source)
+
+
+def convert(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layout: Layout | str = Layout.QWEN3_NEXT,
+    tp: int = 1,
+    options: ExecuteOptions = ExecuteOptions(),
+    progress: ProgressFn | None = None,
+    on_plan: Callable[[ConversionPlan], None] | None = None,
+    record_source: Mapping[str, Any] | None = None,
+) -> ConvertResult:
+    """Convert the checkpoint in directory ``source`` into ``out``.
+
+    ``on_plan`` sees the plan before any byte is written (to size a progress bar).
+    """
+    started = time.perf_counter()
+    cplan = plan_source(source, Layout(layout), tp, record_source)
+    out_path = Path(out)
+    check_destination(Path(source), out_path)
+    old_names = _previous_outputs(out_path) if options.overwrite else set()
+    if not options.resume:
+        needed = cplan.plan.total_bytes - (cplan.bytes_untouched if options.link else 0)
+        check_free_space(out_path, needed)
+    if on_plan:
+        on_plan(cplan)
+
+    def manifest(results: Sequence[FileResult]) -> list[OutputFile]:
+        body = {
+            "format": 1,
+            "record": cplan.record,
+            "plan_fingerprint": cplan.plan.fingerprint(),
+            "files": {r.name: {"size": r.size, "sha256": r.sha256} for r in results},
+        }
+        return [OutputFile(MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())]
+
+    files = execute(cplan.plan, out_path, options, progress, before_last=manifest)
+    for stale in sorted(old_names - {f.name for f in files}):
+        (out_path / stale).unlink(missing_ok=True)
+    return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
+
+
+def check_destination(source: Path, out: Path) -> None:
+    """Refuse an output that is, contains or lies inside the source."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise GdnfuseError(
+            "--out must be a separate directory, neither the source, inside it, nor above it",
+            path=str(out),
+        )
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before starting when the plan cannot fit on the output's filesystem."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise GdnfuseError(
+            f"needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on that "
+            "filesystem (consider --link to hard-link untouched shards)",
+            path=str(out),
+        )
+
+
+def _previous_outputs(out: Path) -> set[str]:
+    """Files an earlier conversion wrote here (from its manifest), to clear stale ones."""
+    try:
+        old = json.loads((out / MANIFEST_NAME).read_text())
+        return set(old.get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()

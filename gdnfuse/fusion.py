@@ -1,0 +1,202 @@
+"""Plan the fusion of a Qwen3.5 checkpoint: pure, from headers alone, no I/O.
+
+Every shard keeps its name. A shard that holds a split GDN projection is rewritten: its
+tensors keep their order, the fused ``in_proj_qkvz`` takes the place of ``in_proj_qkv``
+and ``in_proj_ba`` that of ``in_proj_b`` (the other two sources are dropped), and each
+fused tensor is assembled from row runs of its sources (:mod:`gdnfuse.layout`), which
+may live in other shards. Every other shard is an unchanged whole-file copy (or link).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gdnfuse import __version__
+from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.layout import FUSED_SOURCES, Layout, check_tp, coalesce, fused_runs, valid_tp
+from gdnfuse.model import GdnGroup, ModelInfo, describe_config, find_gdn_groups, is_fused_gdn_key
+from gdnfuse.plan import Extent, OutputFile, Plan, coalesce_extents
+from gdnfuse.quant import check_quantization, group_dims, rewrite_quantization_config
+from gdnfuse.safetensors_file import encode_header
+
+RECORD_KEY = "gdnfuse"
+"""Key of the layout record in config.json; shard metadata uses ``gdnfuse.<field>``."""
+RECORD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """A :class:`Plan` plus what it means, for summaries, ``inspect`` and ``--dry-run``."""
+
+    plan: Plan
+    model: ModelInfo
+    layout: Layout
+    tp: int
+    groups: tuple[GdnGroup, ...]
+    rewritten: tuple[str, ...]  # shards that get a new header and fused tensors
+    untouched: tuple[str, ...]  # shards copied or linked whole
+    record: Mapping[str, Any]
+    side_files: tuple[str, ...] = field(default=())
+
+    @property
+    def layers(self) -> int:
+        return len({g.prefix for g in self.groups})
+
+    @property
+    def bytes_rewritten(self) -> int:
+        return sum(f.size for f in self.plan.files if f.name in self.rewritten)
+
+    @property
+    def bytes_untouched(self) -> int:
+        return sum(f.size for f in self.plan.files if f.name in self.untouched)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.model.dims
+        return {
+            "model_type": self.model.model_type,
+            "dims": {
+                "nk": d.nk,
+                "nv": d.nv,
+                "dk": d.dk,
+                "dv": d.dv,
+                "r": d.r,
+                "hidden_size": self.model.hidden_size,
+            },  # fmt: skip
+            "layout": str(self.layout),
+            "tp": self.tp,
+            "valid_tp": valid_tp(d.nk),
+            "gdn_layers": self.layers,
+            "fused_tensors": len(self.groups),
+            "shards_rewritten": len(self.rewritten),
+            "shards_untouched": len(self.untouched),
+            "bytes_rewritten": self.bytes_rewritten,
+            "bytes_untouched": self.bytes_untouched,
+            "bytes_total": self.plan.total_bytes,
+            "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
+        }
+
+
+def plan_conversion(
+    ckpt: Checkpoint,
+    layout: Layout = Layout.QWEN3_NEXT,
+    tp: int = 1,
+    source: Mapping[str, Any] | None = None,
+) -> ConversionPlan:
+    """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit."""
+    model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
+    tensors = ckpt.tensors
+    fused = next((n for n in tensors if is_fused_gdn_key(n)), None)
+    if fused is not None:
+        raise GdnfuseError(
+            "checkpoint is already fused (has in_proj_qkvz/in_proj_ba); check it with "
+            "`gdnfuse verify`",
+            path=str(ckpt.root / tensors[fused].file),
+            tensor=fused,
+        )
+    groups = find_gdn_groups(tensors, model)
+    if not groups:
+        raise GdnfuseError(
+            "no split GDN projections (linear_attn.in_proj_qkv/z/b/a) found", path=str(ckpt.root)
+        )
+    check_tp(model.dims, tp)
+    check_quantization(model, groups)
+    record = {
+        "format": RECORD_FORMAT,
+        "layout": str(layout),
+        "tp": tp,
+        "source": dict(source or {"path": str(ckpt.root.resolve())}),
+        "gdn_layers": len({g.prefix for g in groups}),
+        "gdnfuse_version": __version__,
+    }
+    shard_meta = {
+        f"{RECORD_KEY}.format": str(RECORD_FORMAT),
+        f"{RECORD_KEY}.layout": str(layout),
+        f"{RECORD_KEY}.tp": str(tp),
+        f"{RECORD_KEY}.source": json.dumps(record["source"], sort_keys=True),
+    }
+
+    # Where each fused tensor goes: the shard and slot of its first source (the anchor).
+    anchored = {g.parts[g.anchor].info.name: g for g in groups}
+    dropped = {g.parts[p].info.name for g in groups for p in FUSED_SOURCES[g.fused][1:]}
+    touched = {g.parts[g.anchor].file for g in groups} | {
+        ref.file for g in groups for ref in g.parts.values()
+    }
+
+    files: list[OutputFile] = []
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    rewritten, untouched = [], []
+    for shard, header in ckpt.shards.items():
+        src_path = str(ckpt.root / shard)
+        if shard not in touched:
+            files.append(OutputFile(shard, extents=((Extent(src_path, 0, header.file_size)),),
+                                    whole_source=src_path))  # fmt: skip
+            untouched.append(shard)
+            for t in header.tensors:
+                weight_map[t.name] = shard
+                total_size += t.nbytes
+            continue
+        entries, extents = [], []
+        for t in header.tensors:
+            if t.name in dropped:
+                continue
+            if t.name in anchored:
+                g = anchored[t.name]
+                name, rows, t_extents = _fused_tensor(ckpt, g, model, layout, tp)
+                entries.append(
+                    (name, t.dtype, (rows, *t.shape[1:]), sum(e.length for e in t_extents))
+                )
+                extents += t_extents
+            else:
+                entries.append((t.name, t.dtype, t.shape, t.nbytes))
+                extents.append(Extent(src_path, *header.file_range(t)))
+            weight_map[entries[-1][0]] = shard
+            total_size += entries[-1][3]
+        metadata = {**(header.metadata or {}), **shard_meta}
+        files.append(OutputFile(shard, encode_header(entries, metadata), coalesce_extents(extents)))
+        rewritten.append(shard)
+
+    side = [f for f in ckpt.side_files if f != CONFIG_NAME]
+    files += [
+        OutputFile(f, extents=(Extent(str(ckpt.root / f), 0, (ckpt.root / f).stat().st_size),))
+        for f in side
+    ]
+    config = dict(ckpt.config)
+    if model.quantization is not None:
+        config = rewrite_quantization_config(config, groups)
+    config[RECORD_KEY] = record
+    files.append(OutputFile(CONFIG_NAME, _json_bytes(config), last=True))
+    index_meta = dict((ckpt.index or {}).get("metadata") or {})
+    index_meta["total_size"] = total_size
+    index = {**(ckpt.index or {}), "metadata": index_meta,
+             "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
+    files.append(OutputFile(INDEX_NAME, _json_bytes(index), last=True))
+    return ConversionPlan(
+        Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
+        record, tuple(side),
+    )  # fmt: skip
+
+
+def _fused_tensor(
+    ckpt: Checkpoint, g: GdnGroup, model: ModelInfo, layout: Layout, tp: int
+) -> tuple[str, int, list[Extent]]:
+    """Name, row count and source byte ranges of one fused tensor."""
+    dims = group_dims(g, model)
+    runs = coalesce(fused_runs(g.fused, dims, layout, tp))
+    extents = []
+    for run in runs:
+        ref = g.parts[run.source]
+        header = ckpt.shards[ref.file]
+        row = ref.info.row_bytes
+        start, _ = header.file_range(ref.info)
+        extents.append(Extent(str(ckpt.root / ref.file), start + run.start * row, run.count * row))
+    rows = sum(run.count for run in runs)
+    return g.name, rows, extents
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()

@@ -1,0 +1,197 @@
+"""Qwen3.5 model description: which family a config is, its GDN dims, its GDN layers.
+
+The tensors present are the truth (LAYOUTS.md section 5): every layer that has
+``linear_attn.in_proj_qkv`` is a GDN layer to fuse, whatever its prefix (``mtp.`` too);
+the config only supplies the head counts and sizes, and is cross-checked against shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims
+from gdnfuse.safetensors_file import TensorInfo
+
+FAMILIES: dict[str, str] = {
+    "qwen3_5": "model.language_model.",
+    "qwen3_5_moe": "model.language_model.",
+    "qwen3_5_text": "model.",
+    "qwen3_5_moe_text": "model.",
+}
+"""Supported ``model_type`` values and where their decoder layers live."""
+
+SPLIT_SUFFIXES: dict[str, str] = {
+    "qkv": "in_proj_qkv",
+    "z": "in_proj_z",
+    "b": "in_proj_b",
+    "a": "in_proj_a",
+}
+FUSED_SUFFIXES: dict[str, str] = {"qkvz": "in_proj_qkvz", "ba": "in_proj_ba"}
+
+# ".linear_attn.in_proj_qkv.weight" but not "in_proj_qkvz": match the whole module name.
+_SPLIT_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<part>qkv|z|b|a)\.(?P<leaf>.+)$")
+_FUSED_KEY = re.compile(r"\.linear_attn\.in_proj_(qkvz|ba)\.")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What gdnfuse needs from config.json."""
+
+    model_type: str
+    dims: GdnDims
+    hidden_size: int
+    text_config_key: str | None  # "text_config" when the GDN dims live there
+    quantization: Mapping[str, Any] | None
+
+    @property
+    def layer_prefix(self) -> str:
+        return FAMILIES[self.model_type]
+
+
+def describe_config(config: Mapping[str, Any], path: str = "config.json") -> ModelInfo:
+    """Detect the family and read the GDN dims (from ``text_config`` or the top level)."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        arch = config.get("architectures")
+        raise GdnfuseError(
+            f"model_type {model_type!r} (architectures {arch}) is not a Qwen3.5 model; "
+            f"supported: {', '.join(FAMILIES)}",
+            path=path,
+        )
+    text = config.get("text_config")
+    key = "text_config" if isinstance(text, Mapping) and "linear_num_key_heads" in text else None
+    fields = text if key else config
+    names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+             "linear_value_head_dim", "hidden_size")  # fmt: skip
+    missing = [n for n in names if not isinstance(fields.get(n), int)]
+    if missing:
+        raise GdnfuseError(f"config lacks integer {', '.join(missing)}", path=path)
+    dims = GdnDims(
+        nk=fields["linear_num_key_heads"],
+        nv=fields["linear_num_value_heads"],
+        dk=fields["linear_key_head_dim"],
+        dv=fields["linear_value_head_dim"],
+    )
+    quant = config.get("quantization_config") or fields.get("quantization_config")
+    return ModelInfo(model_type, dims, fields["hidden_size"], key, quant)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor and the shard (file name, relative to the checkpoint) that holds it."""
+
+    file: str
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class GdnGroup:
+    """The split sources of one fused tensor of one GDN layer, for one leaf.
+
+    ``fused`` is ``qkvz`` (sources ``qkv``, ``z``) or ``ba`` (``b``, ``a``); ``leaf`` is
+    ``weight`` or, in FP8 checkpoints, ``weight_scale_inv``; ``prefix`` ends in
+    ``linear_attn.``. The fused tensor goes into the shard that held its first source.
+    """
+
+    prefix: str
+    fused: str
+    leaf: str
+    parts: Mapping[str, TensorRef]
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}{FUSED_SUFFIXES[self.fused]}.{self.leaf}"
+
+    def split_name(self, part: str) -> str:
+        return f"{self.prefix}{SPLIT_SUFFIXES[part]}.{self.leaf}"
+
+    @property
+    def anchor(self) -> str:
+        return FUSED_SOURCES[self.fused][0]
+
+
+def is_split_gdn_key(name: str) -> bool:
+    return _SPLIT_KEY.match(name) is not None
+
+
+def is_fused_gdn_key(name: str) -> bool:
+    return _FUSED_KEY.search(name) is not None
+
+
+def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple[GdnGroup, ...]:
+    """Group split GDN tensors by layer, fused target and leaf; check them against the config.
+
+    Refuses: a layer missing one of the four ``weight`` parts, a fused target with only one
+    of its sources for some leaf, rows or columns that disagree with the config, and
+    sources of one fused tensor that differ in dtype or row size (fp8 and bf16 rows must
+    never share a tensor).
+    """
+    found: dict[tuple[str, str, str], dict[str, TensorRef]] = {}
+    layers: dict[str, dict[str, TensorRef]] = {}
+    for name, ref in tensors.items():
+        m = _SPLIT_KEY.match(name)
+        if m:
+            fused = QKVZ if m["part"] in FUSED_SOURCES[QKVZ] else BA
+            found.setdefault((m["prefix"], fused, m["leaf"]), {})[m["part"]] = ref
+            if m["leaf"] == "weight":
+                layers.setdefault(m["prefix"], {})[m["part"]] = ref
+    for prefix, parts in layers.items():
+        for part in SPLIT_SUFFIXES:
+            if part not in parts:
+                have = next(iter(parts))
+                raise GdnfuseError(
+                    f"layer has {', '.join(SPLIT_SUFFIXES[p] for p in parts)} but no "
+                    f"{SPLIT_SUFFIXES[part]}",
+                    path=parts[have].file,
+                    tensor=f"{prefix}{SPLIT_SUFFIXES[have]}.weight",
+                )
+    groups = []
+    for (prefix, fused, leaf), parts in sorted(
+        found.items(), key=lambda kv: (_natural(kv[0][0]), kv[0][1], kv[0][2])
+    ):
+        group = GdnGroup(prefix, fused, leaf, parts)
+        for part in FUSED_SOURCES[fused]:
+            if part not in parts:
+                have = next(iter(parts))
+                raise GdnfuseError(
+                    f"has no matching {group.split_name(part)} to fuse with",
+                    path=parts[have].file,
+                    tensor=group.split_name(have),
+                )
+        if leaf == "weight":
+            _check_weight_shapes(group, model)
+        first, second = (parts[p].info for p in FUSED_SOURCES[fused])
+        if first.dtype != second.dtype or first.shape[1:] != second.shape[1:]:
+            raise GdnfuseError(
+                f"cannot fuse {first.dtype}{list(first.shape)} with {second.dtype}"
+                f"{list(second.shape)} of {group.split_name(FUSED_SOURCES[fused][1])}: "
+                "rows of different dtype or width never share a tensor",
+                path=parts[FUSED_SOURCES[fused][0]].file,
+                tensor=group.split_name(FUSED_SOURCES[fused][0]),
+            )
+        groups.append(group)
+    return tuple(groups)
+
+
+def _check_weight_shapes(group: GdnGroup, model: ModelInfo) -> None:
+    dims = model.dims
+    for part, ref in group.parts.items():
+        shape = ref.info.shape
+        want = dims.source_rows(part)
+        if len(shape) != 2 or shape[0] != want or shape[1] != model.hidden_size:
+            raise GdnfuseError(
+                f"shape {list(shape)} disagrees with the config, which implies "
+                f"[{want}, {model.hidden_size}] (nk={dims.nk}, nv={dims.nv}, dk={dims.dk}, "
+                f"dv={dims.dv}, hidden_size={model.hidden_size})",
+                path=ref.file,
+                tensor=group.split_name(part),
+            )
+
+
+def _natural(s: str) -> list[Any]:
+    """Sort key that puts layers.10 after layers.9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

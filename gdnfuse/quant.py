@@ -1,0 +1,123 @@
+"""Quantized checkpoints: which schemes can be fused, and keeping their configs consistent.
+
+Supported: FP8 with square weight blocks (``quant_method: fp8``, ``weight_block_size``),
+as in the official Qwen3.5 FP8 checkpoints (LAYOUTS.md section 7): ``weight_scale_inv``
+rows follow the weight plan in units of blocks. Everything else is refused by name,
+since a packed int4 or per-group scheme would need its own row math.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.layout import BA, GdnDims
+from gdnfuse.model import GdnGroup, ModelInfo
+
+IGNORE_LISTS = ("modules_to_not_convert", "ignored_layers", "ignore")
+_SPLIT_MODULE = re.compile(r"in_proj_(qkv|z|b|a)(?=$|\.)")
+_FUSED_OF = {"qkv": "qkvz", "z": "qkvz", "b": "ba", "a": "ba"}
+
+
+def _scheme(q: Mapping[str, Any]) -> str:
+    parts = [str(q.get(k)) for k in ("quant_method", "fmt", "format", "bits") if q.get(k)]
+    return "/".join(parts) or "unknown"
+
+
+def block_rows(model: ModelInfo) -> int | None:
+    """Rows per scale block for block-FP8 checkpoints; None when unquantized."""
+    q = model.quantization
+    if q is None:
+        return None
+    block = q.get("weight_block_size")
+    if q.get("quant_method") == "fp8" and isinstance(block, list) and len(block) == 2:
+        return int(block[0])
+    raise GdnfuseError(
+        f"quantization scheme {_scheme(q)} is not supported (supported: unquantized, and "
+        f"fp8 with weight_block_size); weight_block_size={block!r}"
+    )
+
+
+def check_quantization(model: ModelInfo, groups: Iterable[GdnGroup]) -> None:
+    """Refuse tensors or schemes whose rows cannot be permuted exactly."""
+    block = block_rows(model)
+    for g in groups:
+        if g.leaf == "weight":
+            continue
+        ref = next(iter(g.parts.values()))
+        if block is None or g.leaf != "weight_scale_inv":
+            raise GdnfuseError(
+                f"unsupported GDN tensor kind {g.leaf!r}"
+                + ("" if block is None else f" for scheme {_scheme(model.quantization or {})}"),
+                path=ref.file,
+                tensor=g.split_name(next(iter(g.parts))),
+            )
+        if g.fused == BA:
+            raise GdnfuseError(
+                "quantized in_proj_b/in_proj_a are not supported (official FP8 checkpoints "
+                "keep them in bf16)",
+                path=ref.file,
+                tensor=g.split_name("b"),
+            )
+        dims = group_dims(g, model)
+        for part, r in g.parts.items():
+            want = dims.source_rows(part)
+            if r.info.shape[0] != want:
+                raise GdnfuseError(
+                    f"scale has {r.info.shape[0]} block rows, expected {want} ({block}-row blocks)",
+                    path=r.file,
+                    tensor=g.split_name(part),
+                )
+
+
+def group_dims(g: GdnGroup, model: ModelInfo) -> GdnDims:
+    """Dims in the rows of this group's tensors: rows for weights, blocks for scales."""
+    if g.leaf == "weight_scale_inv":
+        block = block_rows(model)
+        assert block is not None
+        try:
+            return model.dims.in_blocks(block)
+        except GdnfuseError as e:
+            ref = g.parts["qkv"]
+            raise GdnfuseError(
+                f"{e.reason} (weight_block_size {block}, scale shape {list(ref.info.shape)})",
+                path=ref.file,
+                tensor=g.split_name("qkv"),
+            ) from None
+    return model.dims
+
+
+def fused_module_names(names: Iterable[Any]) -> list[Any]:
+    """Map split module names in an ignore list to fused ones, deduplicated, order kept."""
+    out: list[Any] = []
+    for name in names:
+        new = (
+            _SPLIT_MODULE.sub(lambda m: f"in_proj_{_FUSED_OF[m[1]]}", name)
+            if isinstance(name, str)
+            else name
+        )
+        if new not in out:
+            out.append(new)
+    return out
+
+
+def rewrite_quantization_config(config: Mapping[str, Any], groups: Any = None) -> dict[str, Any]:
+    """config.json with every ignore list naming the fused modules; nothing else changed."""
+    out = dict(config)
+    for holder_key in (None, "text_config"):
+        holder = out if holder_key is None else out.get(holder_key)
+        if not isinstance(holder, dict) or not isinstance(holder.get("quantization_config"), dict):
+            continue
+        q = dict(holder["quantization_config"])
+        for key in IGNORE_LISTS:
+            if isinstance(q.get(key), list):
+                q[key] = fused_module_names(q[key])
+        holder = dict(holder)
+        holder["quantization_config"] = q
+        if holder_key is None:
+            out = holder
+        else:
+            out[holder_key] = holder
+    return out

@@ -1,0 +1,196 @@
+"""The safetensors file format: read and validate headers, encode new ones. No torch.
+
+gdnfuse never decodes tensor data: it only needs each tensor's byte range, which the
+header gives. The official ``safetensors`` bindings map or load whole tensors, and their
+errors do not name the file; this reader checks every invariant a converter relies on
+(offsets contiguous, sizes matching shape x dtype, header inside the file) and reports
+the file and tensor in one line, so that a truncated or odd shard is refused up front.
+
+Format: 8-byte little-endian header length N, N bytes of JSON, then the data buffer.
+JSON maps tensor name -> {"dtype", "shape", "data_offsets": [begin, end]} (relative to
+the buffer), plus an optional "__metadata__" of str -> str.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from gdnfuse.errors import GdnfuseError
+
+MAX_HEADER_BYTES = 100_000_000
+"""The official reader's limit; a larger header is corrupt (or hostile)."""
+
+DTYPE_BYTES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry; ``begin``/``end`` are offsets into the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (first-dimension slice); rows are contiguous byte ranges."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, validated header; ``data_start`` is the file offset of the data buffer."""
+
+    path: str
+    tensors: tuple[TensorInfo, ...]  # in data order
+    metadata: Mapping[str, str] | None
+    data_start: int
+    file_size: int
+
+    @property
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+    def file_range(self, tensor: TensorInfo) -> tuple[int, int]:
+        """Absolute ``(offset, length)`` of a tensor's bytes in the file."""
+        return self.data_start + tensor.begin, tensor.nbytes
+
+
+def _fail(path: str, message: str, tensor: str | None = None) -> GdnfuseError:
+    return GdnfuseError(message, path=path, tensor=tensor)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
+    """Validate a header's JSON bytes against the file size (pure, for fuzzing)."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"header is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    tensors = []
+    for name, entry in obj.items():
+        if not isinstance(entry, dict):
+            raise _fail(path, "entry is not an object", name)
+        dtype, shape, offsets = (
+            entry.get("dtype"),
+            entry.get("shape"),
+            entry.get("data_offsets"),
+        )
+        if dtype not in DTYPE_BYTES:
+            raise _fail(path, f"unsupported dtype {dtype!r}", name)
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", name)
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+        ):
+            raise _fail(path, f"data_offsets {offsets!r} is not [begin, end]", name)
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise _fail(path, f"data_offsets [{begin}, {end}] are not increasing", name)
+        if end > data_size:
+            raise _fail(
+                path,
+                f"data_offsets end {end} exceeds the {data_size}-byte data buffer "
+                "(file truncated?)",
+                name,
+            )
+        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        if end - begin != expected:
+            raise _fail(
+                path,
+                f"byte length {end - begin} != {expected} for shape {shape} x {dtype}",
+                name,
+            )
+        tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    position, previous = 0, None
+    for t in tensors:
+        if t.begin < position:
+            raise _fail(path, f"bytes overlap tensor {previous}", t.name)
+        if t.begin > position:
+            raise _fail(path, f"hole of {t.begin - position} bytes before this tensor", t.name)
+        position, previous = t.end, t.name
+    if position != data_size:
+        raise _fail(
+            path,
+            f"data buffer is {data_size} bytes but tensors cover {position} (truncated or padded)",
+        )
+    return SafetensorsHeader(path, tuple(tensors), metadata, data_start, file_size)
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file (reads only the header bytes)."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fail(p, f"file is {file_size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise _fail(p, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > file_size:
+                raise _fail(
+                    p,
+                    f"header length {n} runs past the end of the {file_size}-byte file",
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise _fail(p, f"cannot read: {e.strerror or e}") from None
+    return parse_header(raw, file_size, p)
+
+
+def encode_header(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
+    metadata: Mapping[str, str] | None,
+) -> bytes:
+    """Header bytes (length prefix included) for tensors laid out in the given order.
+
+    ``tensors`` yields ``(name, dtype, shape, nbytes)``; offsets follow from the order.
+    The JSON is padded with spaces to a multiple of 8 bytes, as the official writer does,
+    so the data buffer stays aligned.
+    """
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        obj[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
