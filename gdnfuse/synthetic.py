@@ -14,6 +14,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from gdnfuse.checkpoint import INDEX_NAME
 from gdnfuse.safetensors_file import DTYPE_BYTES, encode_header
@@ -154,8 +155,14 @@ def write_checkpoint(
     conditional: bool = True,
     seed: int = 0,
     fast: bool = False,
+    sparse: bool = False,
 ) -> Path:
-    """Write a Qwen3.5-shaped checkpoint with an index and side files; returns its path."""
+    """Write a Qwen3.5-shaped checkpoint with an index and side files; returns its path.
+
+    ``fast``: raw random bytes (for copy benchmarks; may hold NaN patterns). ``sparse``:
+    headers only, files truncated to full size with holes (for planning benchmarks of
+    huge models; reading the data gives zeros).
+    """
     m = PRESETS[shape] if isinstance(shape, str) else shape
     if layers is not None:
         m = replace(m, layers=layers)
@@ -179,12 +186,19 @@ def write_checkpoint(
         entries = [(n, dtype, s, _numel(s) * DTYPE_BYTES[dtype]) for n, s in shard]
         with open(root / fname, "wb") as f:
             f.write(encode_header(entries, {"format": "pt"}))
+            if sparse:
+                f.truncate(f.tell() + sum(e[3] for e in entries))
+                weight_map.update((name, fname) for name, _ in shard)
+                total += sum(e[3] for e in entries)
+                continue
             for name, shp in shard:
                 values = _numel(shp)
                 if name.endswith(("A_log", "dt_bias", "norm.weight", "layernorm.weight")):
                     f.write(_constant_like(values, dtype, rng))
+                elif fast:
+                    _write_noise(f, values * DTYPE_BYTES[dtype], rng)
                 else:
-                    f.write(random_bytes(values, dtype, rng, fast))
+                    f.write(random_bytes(values, dtype, rng, fast=False))
                 weight_map[name] = fname
                 total += values * DTYPE_BYTES[dtype]
     (root / "config.json").write_text(json.dumps(config_for(m, dtype, conditional), indent=2))
@@ -196,6 +210,19 @@ def write_checkpoint(
     (root / "chat_template.jinja").write_text("{{ messages }}\n")
     (root / "README.md").write_text("Synthetic Qwen3.5-shaped checkpoint made by gdnfuse.\n")
     return root
+
+
+_NOISE_POOL = 64 << 20
+
+
+def _write_noise(f: BinaryIO, nbytes: int, rng: random.Random) -> None:
+    """Random bytes at disk speed: slices of one random pool at random offsets."""
+    pool = rng.randbytes(min(nbytes, _NOISE_POOL) + 4096)
+    while nbytes:
+        n = min(nbytes, _NOISE_POOL)
+        start = rng.randrange(0, len(pool) - n + 1)
+        f.write(memoryview(pool)[start : start + n])
+        nbytes -= n
 
 
 def _numel(shape: tuple[int, ...]) -> int:
