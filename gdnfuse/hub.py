@@ -1,0 +1,341 @@
+"""A Hugging Face Hub repo id as a conversion source.
+
+Everything goes through ``huggingface_hub`` (its cache, ``HF_HOME``/``HF_HUB_CACHE``,
+``HF_TOKEN``, ``HF_HUB_OFFLINE``, progress bars, retries and resumable transfers). The
+revision is resolved to a commit sha once, and every file is then fetched at that sha, so a
+branch that moves mid-download cannot mix two commits. ``headers_only`` (``inspect``,
+``convert --dry-run``) fetches config.json, the index and each shard's header through HTTP
+range reads into a directory of sparse stubs, so the unchanged planner can show the plan for
+an 800 GB model before a byte of weights is downloaded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, SKIPPED_DIRS, SKIPPED_SUFFIXES
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.safetensors_file import MAX_HEADER_BYTES
+
+# What a conversion needs: weights, index, configs (incl. generation config), tokenizer and
+# chat-template files, README/LICENSE. Never weight duplicates in other formats.
+ALLOW_PATTERNS = (
+    "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken",
+    "README*", "LICENSE*", "NOTICE*",
+)  # fmt: skip
+IGNORE_PATTERNS = (
+    *(f"*{s}" for s in SKIPPED_SUFFIXES),
+    *(f"{d}/*" for d in SKIPPED_DIRS),
+    *(f"*/{d}/*" for d in SKIPPED_DIRS),
+)
+TOKEN_HINT = "pass a token with --token, the HF_TOKEN environment variable or `hf auth login`"
+FIRST_READ = 16 << 10  # one range read covers most headers; bigger ones take a second
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A repo at one commit: what the layout record's ``source`` says."""
+
+    repo_id: str
+    sha: str
+    requested: str
+
+    def record(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.sha, "requested_revision": self.requested}
+
+
+def is_repo_id(source: str) -> bool:
+    """``org/name`` as the Hub spells it (a local path never reaches here if it exists)."""
+    return _REPO_ID.fullmatch(source) is not None and ".." not in source
+
+
+def fetch(
+    source: str,
+    *,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+    headers_only: bool = False,
+    out: Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """A local directory holding repo ``source`` at ``revision``, and its ``source`` record.
+
+    The full download lands in the Hugging Face cache (a second run downloads nothing);
+    ``headers_only`` returns a temporary directory of sparse stubs instead. With ``out``,
+    refuse before downloading when the disk cannot hold the missing files plus the output.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    requested = revision or constants.DEFAULT_REVISION
+    with _hub_errors(source, requested, cache):
+        api = HfApi(token=token)
+        resolved = api.resolve_revision(source, revision=revision, cache_dir=cache)
+        pinned = Pinned(source, resolved.resolved, requested)
+        offline = constants.is_offline_mode()
+        if headers_only and not offline:
+            cached = _cached_snapshot(pinned, cache)
+            return cached or fetch_headers(pinned, cache, token), pinned.record()
+        if out is not None and not offline:
+            files = list_files(pinned, cache, token)
+            check_disk_space(missing_bytes(pinned, files, cache), sum(f.size for f in files),
+                             cache, out)  # fmt: skip
+        path = snapshot_download(
+            source, revision=resolved, cache_dir=cache, token=token,
+            allow_patterns=list(ALLOW_PATTERNS), ignore_patterns=list(IGNORE_PATTERNS),
+        )  # fmt: skip
+    return Path(path), pinned.record()
+
+
+def list_files(pinned: Pinned, cache: Path, token: str | None = None) -> list[RemoteFile]:
+    """The files a conversion needs, with sizes (from the cached tree listing if there is one)."""
+    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        tree = get_cached_repo_tree(pinned.repo_id, revision=pinned.sha, cache_dir=cache)
+    except CachedRepoTreeNotFoundError:
+        tree = HfApi(token=token).list_repo_tree(pinned.repo_id, revision=pinned.sha,
+                                                 recursive=True)  # fmt: skip
+    files = {f.path: RemoteFile(f.path, f.size) for f in tree if isinstance(f, RepoFile)}
+    return [files[p] for p in wanted(files)]
+
+
+def wanted(paths: Iterable[str]) -> list[str]:
+    """The repo paths a conversion downloads (ALLOW_PATTERNS minus IGNORE_PATTERNS)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(list(paths), allow_patterns=list(ALLOW_PATTERNS),
+                                    ignore_patterns=list(IGNORE_PATTERNS)))  # fmt: skip
+
+
+def missing_bytes(pinned: Pinned, files: list[RemoteFile], cache: Path) -> int:
+    """Bytes of ``files`` not yet in the cache's snapshot of ``pinned``: what a download costs."""
+    snap = _snapshot_dir(pinned, cache)
+    return sum(f.size for f in files if not (snap / f.path).is_file())
+
+
+def bytes_to_download(
+    repo_id: str, revision: str | None = None, *, cache_dir: Path | None = None,
+    token: str | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """(bytes still to download, bytes of the whole selection) for ``repo_id`` at ``revision``."""
+    from huggingface_hub import HfApi, constants
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    requested = revision or constants.DEFAULT_REVISION
+    with _hub_errors(repo_id, requested, cache):
+        sha = HfApi(token=token).resolve_revision(repo_id, revision=revision, cache_dir=cache)
+        pinned = Pinned(repo_id, sha.resolved, requested)
+        files = list_files(pinned, cache, token)
+    return missing_bytes(pinned, files, cache), sum(f.size for f in files)
+
+
+def check_disk_space(
+    download: int, output: int, cache: Path, out: Path,
+    disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+) -> None:  # fmt: skip
+    """Refuse before downloading when the cache and output filesystems cannot hold it all.
+
+    ``output`` is the size of the downloaded selection: a conversion writes about as many
+    bytes as it reads (``--link`` would need less; convert checks that exactly later).
+    """
+    cache_fs, out_fs = _existing(cache), _existing(out)
+    if cache_fs.stat().st_dev == out_fs.stat().st_dev:
+        needs = [(cache_fs, download + output)]
+    else:
+        needs = [(cache_fs, download), (out_fs, output)]
+    for where, needed in needs:
+        free = disk_usage(where).free
+        if needed > free:
+            raise GdnfuseError(
+                f"not enough disk space: {download / 1e9:.2f} GB to download into {cache} plus "
+                f"{output / 1e9:.2f} GB of output need {needed / 1e9:.2f} GB on that filesystem, "
+                f"but only {free / 1e9:.2f} GB are free",
+                path=str(where),
+            )
+
+
+def fetch_headers(pinned: Pinned, cache: Path, token: str | None = None) -> Path:
+    """A temporary directory of stubs: config.json and the index in full, every shard's header
+    at its real offset in a sparse file of the real size, other files as empty sparse files.
+
+    Removed when the process exits. Reads only the header bytes of each shard.
+    """
+    from huggingface_hub import hf_hub_download
+
+    files = list_files(pinned, cache, token)
+    stub = Path(tempfile.mkdtemp(prefix=f"gdnfuse-{pinned.repo_id.replace('/', '--')}-"))
+    atexit.register(shutil.rmtree, stub, ignore_errors=True)
+
+    def one(f: RemoteFile) -> None:
+        dst = stub / f.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if f.path in (CONFIG_NAME, INDEX_NAME):
+            src = hf_hub_download(pinned.repo_id, f.path, revision=pinned.sha, cache_dir=cache,
+                                  token=token)  # fmt: skip
+            shutil.copyfile(src, dst)
+            return
+        head = read_shard_header(_url(pinned, f.path), f.size, token) if f.path.endswith(
+            ".safetensors") else b""  # fmt: skip
+        with open(dst, "wb") as fh:
+            fh.write(head)
+            fh.truncate(f.size)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, files))
+    return stub
+
+
+def read_shard_header(url: str, size: int, token: str | None = None,
+                      first: int = FIRST_READ) -> bytes:  # fmt: skip
+    """The 8-byte length and the JSON header of the safetensors file at ``url`` (``size`` bytes)."""
+    if size < 8:
+        raise GdnfuseError(f"shard is {size} bytes, too short for a safetensors header", path=url)
+    head = read_range(url, 0, min(size, first) - 1, size, token)
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise GdnfuseError(f"header length {n} does not fit a {size}-byte shard", path=url)
+    if 8 + n > len(head):
+        head += read_range(url, len(head), 8 + n - 1, size, token)
+    return head[: 8 + n]
+
+
+def read_range(url: str, start: int, end: int, size: int | None = None,
+               token: str | None = None) -> bytes:  # fmt: skip
+    """Bytes ``start..end`` (inclusive) of ``url``, following the Hub's redirect to its CDN.
+
+    A 206 must carry the matching ``Content-Range``; a 200 means the server ignored the
+    range (olah does), so only the first ``end + 1`` bytes of that stream are read.
+    """
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+    headers = build_hf_headers(token=token)
+    headers.update({"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"})
+    with http_stream_backoff("GET", url, headers=headers, follow_redirects=True) as r:
+        hf_raise_for_status(r)
+        if r.status_code == 206:
+            got = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", "").strip())
+            total = got and got[3] != "*" and int(got[3])
+            if not got or (int(got[1]), int(got[2])) != (start, end) or (size and total != size):
+                raise GdnfuseError(
+                    f"asked for bytes {start}-{end} of {size} but the server answered "
+                    f"Content-Range {r.headers.get('Content-Range')!r}", path=url,
+                )  # fmt: skip
+            data = r.read()
+        elif r.status_code == 200:  # range not honoured: the body starts at byte 0
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) > end:
+                    break
+            data = bytes(buf[start : end + 1])
+        else:
+            raise GdnfuseError(f"HTTP {r.status_code} to a range read", path=url)
+    if len(data) != end - start + 1:
+        raise GdnfuseError(f"asked for bytes {start}-{end}, got {len(data)} bytes", path=url)
+    return data
+
+
+def _url(pinned: Pinned, path: str) -> str:
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(pinned.repo_id, path, revision=pinned.sha)
+
+
+def _snapshot_dir(pinned: Pinned, cache: Path) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = repo_folder_name(repo_id=pinned.repo_id, repo_type="model")
+    return cache / folder / "snapshots" / pinned.sha
+
+
+def _cached_snapshot(pinned: Pinned, cache: Path) -> Path | None:
+    """The cached snapshot if an earlier download completed it (then no header reads at all)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        get_cached_repo_tree(pinned.repo_id, revision=pinned.sha, cache_dir=cache)
+    except CachedRepoTreeNotFoundError:
+        return None
+    files = list_files(pinned, cache)
+    return _snapshot_dir(pinned, cache) if missing_bytes(pinned, files, cache) == 0 else None
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str, cache: Path) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line GdnfuseErrors that say what to do."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
+
+    where = f"{repo_id}@{revision}"
+    try:
+        yield
+    except GatedRepoError as e:
+        denied = e.response is not None and e.response.status_code == 403
+        raise GdnfuseError(
+            f"{repo_id} is gated and "
+            + ("your token has not been granted access" if denied else "no valid token was sent")
+            + f": accept its conditions at {constants.ENDPOINT}/{repo_id}, then {TOKEN_HINT}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise GdnfuseError(
+            f"repository {repo_id} not found on {constants.ENDPOINT} (if it is private, "
+            f"{TOKEN_HINT})"
+        ) from None
+    except RevisionNotFoundError:
+        raise GdnfuseError(
+            f"revision {revision!r} not found in {repo_id} (use a branch, tag or commit sha)"
+        ) from None
+    except (RevisionResolutionError, LocalEntryNotFoundError) as e:
+        if constants.is_offline_mode():
+            raise GdnfuseError(
+                f"HF_HUB_OFFLINE is set and {where} is not (completely) in the Hugging Face cache "
+                f"{cache}: run once online, or unset HF_HUB_OFFLINE"
+            ) from None
+        raise GdnfuseError(
+            f"cannot reach {constants.ENDPOINT} and {where} is not (completely) in the cache "
+            f"{cache}: {_one_line(e)}"
+        ) from None
+    except HfHubHTTPError as e:
+        raise GdnfuseError(f"Hub request for {where} failed: {_one_line(e)}") from None
+    except (httpx2.HTTPError, OSError) as e:
+        raise GdnfuseError(f"download of {where} failed: {_one_line(e)}") from None
