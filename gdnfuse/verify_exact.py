@@ -1,0 +1,326 @@
+"""Check 2 of ``gdnfuse verify --against``: the output is the source, bit for bit, re-ordered.
+
+Each fused tensor is read back through the recorded layout's run table
+(:func:`gdnfuse.layout.fused_runs`): fused rows ``i..j`` must equal rows ``k..l`` of one
+source tensor. Every other tensor, and every side file, must be byte-identical. Bytes are
+compared in bounded chunks with ``os.pread``, so memory stays constant whatever the size of
+the checkpoint, and nothing is decoded (any dtype, FP8 scales included). A failure names the
+fused tensor, the source tensor and the rows; when the bytes match another layout, it says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.fusion import RECORD_KEY
+from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, valid_tp
+from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
+from gdnfuse.quant import group_dims, rewrite_quantization_config
+from gdnfuse.safetensors_file import DTYPE_BYTES
+from gdnfuse.verify_report import CheckResult, failed, outcome
+from gdnfuse.verify_structure import FusedCheckpoint
+
+CHUNK = 16 << 20
+"""Bytes read per side per step: the memory bound of the comparison."""
+MAX_HINTS = 4
+"""Failing fused tensors for which other layouts are tried (each try re-reads the tensor)."""
+
+
+class Reader(AbstractContextManager["Reader"]):
+    """Read-only file descriptors, opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise GdnfuseError(f"cannot read: {e.strerror or e}", path=str(path)) from None
+        return self._fds[path]
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes (fewer only at end of file)."""
+    parts, got = [], 0
+    while got < n:
+        data = os.pread(fd, n - got, offset + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _mismatch(x: bytes, y: bytes) -> int:
+    """Index of the first differing byte (or the shorter length)."""
+    n, step, lo = min(len(x), len(y)), 4096, 0
+    while lo < n and x[lo : lo + step] == y[lo : lo + step]:
+        lo += step
+    return next((i for i in range(lo, min(lo + step, n)) if x[i] != y[i]), n)
+
+
+def first_difference(
+    reader: Reader, a: tuple[Path, int], b: tuple[Path, int], length: int
+) -> int | None:
+    """Offset of the first byte where ``length`` bytes at ``a`` and ``b`` differ, else None.
+
+    ``a`` and ``b`` are ``(file, offset)``; a file that ends early differs where it ends.
+    """
+    fa, fb = reader.fd(a[0]), reader.fd(b[0])
+    pos = 0
+    while pos < length:
+        n = min(CHUNK, length - pos)
+        x, y = _pread(fa, n, a[1] + pos), _pread(fb, n, b[1] + pos)
+        if x != y or len(x) < n:
+            return pos + _mismatch(x, y)
+        pos += n
+    return None
+
+
+def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
+    """Every exact comparison; raises GdnfuseError only when ``src`` is not a split source."""
+    model = describe_config(src.config, str(src.root / CONFIG_NAME))
+    groups = find_gdn_groups(src.tensors, model)
+    if not groups:
+        raise GdnfuseError(
+            "has no split GDN projections: --against must be the unconverted source",
+            path=str(src.root),
+        )
+    with Reader() as reader:
+        return [
+            *_config(ck, src, model.quantization is not None),
+            *_side_files(ck, src, reader),
+            *_fused(ck, src, groups, model, reader),
+            *_others(ck, src, groups, reader),
+        ]
+
+
+def _config(ck: FusedCheckpoint, src: Checkpoint, quantized: bool) -> list[CheckResult]:
+    want = rewrite_quantization_config(src.config) if quantized else dict(src.config)
+    have = {k: v for k, v in ck.config.items() if k != RECORD_KEY}
+    keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    fails = (
+        [
+            failed(
+                "exact.config",
+                f"config.json differs from the source's in {', '.join(keys)} "
+                f'(beyond the "{RECORD_KEY}" record and fused ignore-list names)',
+                file=CONFIG_NAME,
+            )
+        ]
+        if keys
+        else []
+    )
+    return outcome("exact.config", fails, "config.json = source's + layout record")
+
+
+def _side_files(ck: FusedCheckpoint, src: Checkpoint, reader: Reader) -> list[CheckResult]:
+    fails = []
+    names = [f for f in src.side_files if f != CONFIG_NAME]
+    for name in names:
+        ours, theirs = ck.root / name, src.root / name
+        if not ours.is_file():
+            fails.append(
+                failed("exact.side_files", "source file missing from the output", file=name)
+            )
+            continue
+        size = theirs.stat().st_size
+        if ours.stat().st_size != size:
+            fails.append(
+                failed(
+                    "exact.side_files",
+                    f"{ours.stat().st_size} bytes, the source has {size}",
+                    file=name,
+                )
+            )
+        elif (d := first_difference(reader, (ours, 0), (theirs, 0), size)) is not None:
+            fails.append(
+                failed("exact.side_files", f"differs from the source at byte {d}", file=name)
+            )
+    return outcome("exact.side_files", fails, f"{len(names)} side files identical to the source")
+
+
+def _start(root: Path, shards: Any, ref: TensorRef) -> tuple[Path, int]:
+    """File and absolute offset of a tensor's first byte."""
+    return root / ref.file, shards[ref.file].data_start + ref.info.begin
+
+
+def _first_bad_run(
+    ck: FusedCheckpoint,
+    src: Checkpoint,
+    g: GdnGroup,
+    out: TensorRef,
+    runs: Sequence[RowRun],
+    reader: Reader,
+) -> tuple[int, RowRun, int] | None:
+    """``(fused_row, run, first_bad_row_in_run)`` of the first run that differs, else None."""
+    row_bytes = out.info.row_bytes
+    out_path, out_start = _start(ck.root, ck.shards, out)
+    row = 0
+    for run in runs:
+        src_path, src_start = _start(src.root, src.shards, g.parts[run.source])
+        d = first_difference(
+            reader,
+            (out_path, out_start + row * row_bytes),
+            (src_path, src_start + run.start * row_bytes),
+            run.count * row_bytes,
+        )
+        if d is not None:
+            return row, run, d // row_bytes
+        row += run.count
+    return None
+
+
+def _alternatives(dims: GdnDims, fused: str, layout: Layout, tp: int) -> list[tuple[Layout, int]]:
+    """Other (layout, tp) choices whose row order differs from the recorded one."""
+    seen = {fused_runs(fused, dims, layout, tp)}
+    out = []
+    for cand in [(Layout.QWEN3_NEXT, 1), *((Layout.TP_BLOCKED, t) for t in valid_tp(dims.nk))]:
+        runs = fused_runs(fused, dims, *cand)
+        if runs not in seen:
+            seen.add(runs)
+            out.append(cand)
+    return out
+
+
+def _fused(
+    ck: FusedCheckpoint, src: Checkpoint, groups: Sequence[GdnGroup], model: Any, reader: Reader
+) -> list[CheckResult]:
+    name = "exact.fused"
+    if ck.record is None:
+        return [failed(name, f"cannot un-fuse: {ck.record_error}", file=CONFIG_NAME)]
+    layout, tp = ck.record.layout, ck.record.tp
+    tensors = ck.tensors
+    fails: list[CheckResult] = []
+    nbytes = 0
+    for g in groups:
+        out = tensors.get(g.name)
+        if out is None:
+            fails.append(
+                failed(
+                    name,
+                    "fused tensor missing from the output (or in a shard whose header is invalid)",
+                    tensor=g.name,
+                )
+            )
+            continue
+        dims = group_dims(g, model)
+        first = g.parts[FUSED_SOURCES[g.fused][0]].info
+        want = (sum(g.parts[p].info.shape[0] for p in FUSED_SOURCES[g.fused]), *first.shape[1:])
+        if out.info.dtype != first.dtype or out.info.shape != want:
+            fails.append(
+                failed(
+                    name,
+                    f"is {out.info.dtype}{list(out.info.shape)}, its sources "
+                    f"make {first.dtype}{list(want)}",
+                    tensor=g.name,
+                    file=out.file,
+                )
+            )
+            continue
+        bad = _first_bad_run(ck, src, g, out, fused_runs(g.fused, dims, layout, tp), reader)
+        if bad is None:
+            nbytes += out.info.nbytes
+            continue
+        row, run, k = bad
+        detail = (
+            f"fused rows {row}..{row + run.count - 1} should be {g.split_name(run.source)} rows "
+            f"{run.start}..{run.start + run.count - 1} (layout {layout}, tp {tp}); first "
+            f"difference at fused row {row + k} (source row {run.start + k})"
+        )
+        if len(fails) < MAX_HINTS:
+            match = next(
+                (
+                    c
+                    for c in _alternatives(dims, g.fused, layout, tp)
+                    if _first_bad_run(ck, src, g, out, fused_runs(g.fused, dims, *c), reader)
+                    is None
+                ),
+                None,
+            )
+            if match:
+                detail += (
+                    f"; its bytes are layout {match[0]}"
+                    + (f", tp {match[1]}" if match[0] is Layout.TP_BLOCKED else "")
+                    + ": the layout record is wrong"
+                )
+        fails.append(failed(name, detail, tensor=g.name, file=out.file))
+    return outcome(
+        name,
+        fails,
+        f"{len(groups)} fused tensors un-fuse to their sources bit for "
+        f"bit (layout {layout}, tp {tp}; {nbytes:,} bytes)",
+    )
+
+
+def _others(
+    ck: FusedCheckpoint, src: Checkpoint, groups: Sequence[GdnGroup], reader: Reader
+) -> list[CheckResult]:
+    name = "exact.tensors"
+    fused = {g.name for g in groups}
+    consumed = {ref.info.name for g in groups for ref in g.parts.values()}
+    ours, theirs = ck.tensors, src.tensors
+    fails: list[CheckResult] = []
+    count = nbytes = 0
+    for tensor, out in ours.items():
+        if tensor in fused:
+            continue
+        ref = theirs.get(tensor)
+        if ref is None:
+            fails.append(failed(name, "not in the source checkpoint", tensor=tensor, file=out.file))
+            continue
+        a, b = out.info, ref.info
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            fails.append(
+                failed(
+                    name,
+                    f"is {a.dtype}{list(a.shape)}, the source's is {b.dtype}{list(b.shape)}",
+                    tensor=tensor,
+                    file=out.file,
+                )
+            )
+            continue
+        d = first_difference(
+            reader, _start(ck.root, ck.shards, out), _start(src.root, src.shards, ref), a.nbytes
+        )
+        if d is not None:
+            fails.append(
+                failed(
+                    name,
+                    f"differs from the source ({ref.file}) at byte {d} of "
+                    f"{a.nbytes} (element {d // DTYPE_BYTES[a.dtype]})",
+                    tensor=tensor,
+                    file=out.file,
+                )
+            )
+            continue
+        count += 1
+        nbytes += a.nbytes
+    unreadable = (
+        f" (shards with invalid headers: {', '.join(ck.unreadable)})" if ck.unreadable else ""
+    )
+    for tensor, ref in theirs.items():
+        if tensor not in consumed and tensor not in ours:
+            fails.append(
+                failed(
+                    name,
+                    f"source tensor (from {ref.file}) missing from the output" + unreadable,
+                    tensor=tensor,
+                )
+            )
+    return outcome(
+        name, fails, f"{count} other tensors byte-identical to the source ({nbytes:,} bytes)"
+    )

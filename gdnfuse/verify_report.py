@@ -1,0 +1,154 @@
+"""The result of ``gdnfuse verify``: named checks, shown as a table, JSON or JUnit XML.
+
+Each check either passes with one summary line or fails once per fault, naming the file and
+tensor, so a CI log points straight at the broken shard. Failures per check are capped: a
+truncated 400-tensor shard should say so once per tensor up to a limit, not flood the log.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+MAX_FAILURES_PER_CHECK = 20
+"""Failures kept per check name; the rest are counted in one closing line."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One outcome of one check. ``skipped`` results count as passed (nothing was wrong)."""
+
+    name: str
+    ok: bool
+    detail: str
+    tensor: str | None = None
+    file: str | None = None
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "SKIP" if self.skipped else ("PASS" if self.ok else "FAIL")
+
+    @property
+    def where(self) -> str:
+        return " : ".join(p for p in (self.file, self.tensor) if p)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "ok": self.ok,
+            "detail": self.detail,
+            "file": self.file,
+            "tensor": self.tensor,
+        }
+
+
+def passed(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, True, detail)
+
+
+def failed(
+    name: str, detail: str, *, tensor: str | None = None, file: str | None = None
+) -> CheckResult:
+    return CheckResult(name, False, detail, tensor=tensor, file=file)
+
+
+def skipped(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, True, detail, skipped=True)
+
+
+def outcome(name: str, failures: Iterable[CheckResult], ok_detail: str) -> list[CheckResult]:
+    """The failures of one check (capped), or a single pass line when there are none."""
+    failures = list(failures)
+    if not failures:
+        return [passed(name, ok_detail)]
+    kept = failures[:MAX_FAILURES_PER_CHECK]
+    if len(failures) > len(kept):
+        kept.append(
+            failed(name, f"... and {len(failures) - len(kept)} more failures of this check")
+        )
+    return kept
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """All check results of one ``verify`` run; ``ok`` only when none failed."""
+
+    checkpoint: str
+    against: str | None
+    checks: tuple[CheckResult, ...]
+    record: Mapping[str, Any] | None = None
+    seconds: float = 0.0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def table(self) -> Table:
+        verdict = (
+            "[bold green]PASSED[/]"
+            if self.ok
+            else (f"[bold red]FAILED[/] ({len(self.failures)} failures)")
+        )
+        against = f" --against {self.against}" if self.against else ""
+        table = Table(title=f"gdnfuse verify {self.checkpoint}{against}: {verdict}")
+        table.add_column("check", no_wrap=True)
+        table.add_column("result", no_wrap=True)
+        table.add_column("where", overflow="fold")
+        table.add_column("detail", overflow="fold")
+        style = {"PASS": "[green]PASS[/]", "FAIL": "[bold red]FAIL[/]", "SKIP": "[yellow]SKIP[/]"}
+        for c in self.checks:
+            table.add_row(c.name, style[c.status], c.where, c.detail)
+        return table
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checkpoint": self.checkpoint,
+            "against": self.against,
+            "record": dict(self.record) if self.record is not None else None,
+            "settings": dict(self.settings),
+            "seconds": round(self.seconds, 3),
+            "failures": len(self.failures),
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+    def to_junit(self) -> str:
+        """JUnit XML (one testcase per result), the format CI systems render."""
+        suites = ET.Element("testsuites", name="gdnfuse verify")
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=f"gdnfuse verify {self.checkpoint}",
+            tests=str(len(self.checks)),
+            failures=str(len(self.failures)),
+            errors="0",
+            skipped=str(sum(c.skipped for c in self.checks)),
+            time=f"{self.seconds:.3f}",
+        )
+        for c in self.checks:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"gdnfuse.verify.{c.name.split('.')[0]}",
+                name=f"{c.name} {c.where}".strip(),
+            )
+            if c.skipped:
+                ET.SubElement(case, "skipped", message=c.detail)
+            elif not c.ok:
+                ET.SubElement(case, "failure", message=c.detail, type=c.name).text = (
+                    f"{c.where}: {c.detail}" if c.where else c.detail
+                )
+            else:
+                ET.SubElement(case, "system-out").text = c.detail
+        return ET.tostring(suites, encoding="unicode", xml_declaration=True)
