@@ -21,9 +21,24 @@ _SPLIT_MODULE = re.compile(r"in_proj_(qkv|z|b|a)(?=$|\.)")
 _FUSED_OF = {"qkv": "qkvz", "z": "qkvz", "b": "ba", "a": "ba"}
 
 
+_SCHEME_KEYS = ("quant_method", "quant_algo", "fmt", "format", "bits")
+
+
 def _scheme(q: Mapping[str, Any]) -> str:
-    parts = [str(q.get(k)) for k in ("quant_method", "fmt", "format", "bits") if q.get(k)]
+    parts = [str(q.get(k)) for k in _SCHEME_KEYS if q.get(k)]
     return "/".join(parts) or "unknown"
+
+
+def _block(q: Mapping[str, Any]) -> list[int] | None:
+    """``weight_block_size`` as two positive ints, else None."""
+    block = q.get("weight_block_size")
+    if (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        return block
+    return None
 
 
 def block_rows(model: ModelInfo) -> int | None:
@@ -31,18 +46,33 @@ def block_rows(model: ModelInfo) -> int | None:
     q = model.quantization
     if q is None:
         return None
-    block = q.get("weight_block_size")
-    if q.get("quant_method") == "fp8" and isinstance(block, list) and len(block) == 2:
-        return int(block[0])
+    block = _block(q)
+    if q.get("quant_method") == "fp8" and block is not None:
+        return block[0]
+    kind = (
+        "per-tensor/per-channel fp8 (no weight_block_size)"
+        if q.get("quant_method") == "fp8"
+        else _scheme(q)
+    )
     raise GdnfuseError(
-        f"quantization scheme {_scheme(q)} is not supported (supported: unquantized, and "
-        f"fp8 with weight_block_size); weight_block_size={block!r}"
+        f"quantization scheme {kind} is not supported (supported: unquantized, and fp8 with "
+        f"weight_block_size as in the official Qwen3.5 FP8 checkpoints); "
+        f"quantization_config has quant_method={q.get('quant_method')!r}, "
+        f"weight_block_size={q.get('weight_block_size')!r}"
     )
 
 
 def check_quantization(model: ModelInfo, groups: Iterable[GdnGroup]) -> None:
-    """Refuse tensors or schemes whose rows cannot be permuted exactly."""
+    """Refuse tensors or schemes whose rows cannot be permuted exactly.
+
+    A block scale must belong to an fp8 weight of the same layer and have
+    ``[rows / block_n, ceil(H / block_k)]`` entries, or the permuted scales would not
+    line up with the permuted rows.
+    """
+    groups = tuple(groups)
     block = block_rows(model)
+    block_size = _block(model.quantization or {}) or [1, 1]
+    weights = {(g.prefix, g.fused): g for g in groups if g.leaf == "weight"}
     for g in groups:
         if g.leaf == "weight":
             continue
@@ -62,11 +92,24 @@ def check_quantization(model: ModelInfo, groups: Iterable[GdnGroup]) -> None:
                 tensor=g.split_name("b"),
             )
         dims = group_dims(g, model)
+        cols = -(-model.hidden_size // block_size[1])
+        weight = weights.get((g.prefix, g.fused))
         for part, r in g.parts.items():
             want = dims.source_rows(part)
-            if r.info.shape[0] != want:
+            if tuple(r.info.shape) != (want, cols):
                 raise GdnfuseError(
-                    f"scale has {r.info.shape[0]} block rows, expected {want} ({block}-row blocks)",
+                    f"scale shape {list(r.info.shape)} is not [{want}, {cols}] "
+                    f"(weight_block_size {block_size}, "
+                    f"hidden_size {model.hidden_size})",
+                    path=r.file,
+                    tensor=g.split_name(part),
+                )
+            w = weight.parts[part].info if weight is not None else None
+            if w is None or not w.dtype.startswith("F8_"):
+                raise GdnfuseError(
+                    "block scale without an fp8 weight "
+                    f"({'no weight' if w is None else w.dtype}); scales and rows would not "
+                    "line up",
                     path=r.file,
                     tensor=g.split_name(part),
                 )
@@ -90,7 +133,11 @@ def group_dims(g: GdnGroup, model: ModelInfo) -> GdnDims:
 
 
 def fused_module_names(names: Iterable[Any]) -> list[Any]:
-    """Map split module names in an ignore list to fused ones, deduplicated, order kept."""
+    """Map split module names in an ignore list to fused ones, order kept.
+
+    ``in_proj_b`` and ``in_proj_a`` of one layer become one ``in_proj_ba`` (at the first
+    one's place); every entry that names no split GDN module is kept as it is, duplicates too.
+    """
     out: list[Any] = []
     for name in names:
         new = (
@@ -98,7 +145,7 @@ def fused_module_names(names: Iterable[Any]) -> list[Any]:
             if isinstance(name, str)
             else name
         )
-        if new not in out:
+        if new == name or new not in out:
             out.append(new)
     return out
 
