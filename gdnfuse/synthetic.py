@@ -103,11 +103,9 @@ def tensor_shapes(
     yield "lm_head.weight", (m.vocab, m.hidden)
 
 
-def random_bytes(n_values: int, dtype: str, rng: random.Random, fast: bool) -> bytes:
-    """``n_values`` small random values; ``fast`` uses raw random bytes (not for numerics)."""
+def random_bytes(n_values: int, dtype: str, rng: random.Random) -> bytes:
+    """``n_values`` small normal random values (slow but realistic: for tiny models)."""
     nbytes = n_values * DTYPE_BYTES[dtype]
-    if fast:
-        return rng.randbytes(nbytes)
     f32 = array("f", (rng.gauss(0.0, 0.05) for _ in range(n_values))).tobytes()
     if dtype == "F32":
         return f32
@@ -159,7 +157,7 @@ def write_checkpoint(
 ) -> Path:
     """Write a Qwen3.5-shaped checkpoint with an index and side files; returns its path.
 
-    ``fast``: raw random bytes (for copy benchmarks; may hold NaN patterns). ``sparse``:
+    ``fast``: random bytes at disk speed (finite values, for benchmarks). ``sparse``:
     headers only, files truncated to full size with holes (for planning benchmarks of
     huge models; reading the data gives zeros).
     """
@@ -196,9 +194,9 @@ def write_checkpoint(
                 if name.endswith(("A_log", "dt_bias", "norm.weight", "layernorm.weight")):
                     f.write(_constant_like(values, dtype, rng))
                 elif fast:
-                    _write_noise(f, values * DTYPE_BYTES[dtype], rng)
+                    _write_noise(f, values * DTYPE_BYTES[dtype], rng, DTYPE_BYTES[dtype])
                 else:
-                    f.write(random_bytes(values, dtype, rng, fast=False))
+                    f.write(random_bytes(values, dtype, rng))
                 weight_map[name] = fname
                 total += values * DTYPE_BYTES[dtype]
     (root / "config.json").write_text(json.dumps(config_for(m, dtype, conditional), indent=2))
@@ -215,12 +213,22 @@ def write_checkpoint(
 _NOISE_POOL = 64 << 20
 
 
-def _write_noise(f: BinaryIO, nbytes: int, rng: random.Random) -> None:
-    """Random bytes at disk speed: slices of one random pool at random offsets."""
-    pool = rng.randbytes(min(nbytes, _NOISE_POOL) + 4096)
+_FINITE = bytes(b & 0xBF for b in range(256))
+
+
+def _write_noise(f: BinaryIO, nbytes: int, rng: random.Random, itemsize: int) -> None:
+    """Random floats at disk speed: slices of one random pool at random offsets.
+
+    The top exponent bit of every value is cleared (its most significant byte masked), so
+    every bf16/f16/f32 value is finite with magnitude below 2: verify's numeric check on a
+    benchmark checkpoint stays meaningful.
+    """
+    n = min(nbytes, _NOISE_POOL) + 4096
+    pool = bytearray(rng.randbytes(n - n % itemsize))
+    pool[itemsize - 1 :: itemsize] = pool[itemsize - 1 :: itemsize].translate(_FINITE)
     while nbytes:
         n = min(nbytes, _NOISE_POOL)
-        start = rng.randrange(0, len(pool) - n + 1)
+        start = rng.randrange(0, (len(pool) - n) // itemsize + 1) * itemsize
         f.write(memoryview(pool)[start : start + n])
         nbytes -= n
 
