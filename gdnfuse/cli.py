@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from gdnfuse.arch import Arch
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
@@ -87,14 +89,16 @@ def _summary_table(title: str, summary: dict[str, Any]) -> Table:
 
 
 def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: str | None,
-             headers_only: bool) -> tuple[Path, dict[str, Any] | None]:  # fmt: skip
-    """A local directory, or a Hub repo id fetched into the Hugging Face cache."""
+             headers_only: bool, out: Path | None = None,
+             ) -> tuple[Path, dict[str, Any] | None]:  # fmt: skip
+    """A local directory, or a Hub repo id fetched into the Hugging Face cache (``out``: check
+    before downloading that the download plus the output fit on disk)."""
     if Path(source).is_dir() or not _looks_like_repo(source):
         return Path(source), None
     from gdnfuse import hub
 
     return hub.fetch(source, revision=revision, cache_dir=cache_dir, token=token,
-                     headers_only=headers_only)  # fmt: skip
+                     headers_only=headers_only, out=out)  # fmt: skip
 
 
 def _looks_like_repo(source: str) -> bool:
@@ -163,6 +167,16 @@ def convert(
         bool, typer.Option(help="Record sha256 of every output file in the manifest.")
     ] = False,
     fsync: Annotated[bool, typer.Option(help="fsync each file before it is renamed.")] = False,
+    arch: Annotated[
+        Arch,
+        typer.Option(
+            "--arch",
+            help="qwen3_5: keep the Qwen3.5 architecture (only the GDN tensors change). "
+            "qwen3-next: write a text-only Qwen3NextForCausalLM checkpoint (vision tower left "
+            "out, experts per expert) that any Qwen3-Next engine loads; needs --layout "
+            "qwen3-next.",
+        ),
+    ] = Arch.QWEN3_5,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
@@ -181,9 +195,10 @@ def convert(
     with _errors():
         if overwrite and resume:
             raise GdnfuseError("--overwrite and --resume exclude each other")
-        path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run)
+        path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run,
+                                out=None if dry_run else out_dir)  # fmt: skip
         if dry_run:
-            cplan = plan_source(path, layout, tp, record)
+            cplan = plan_source(path, layout, tp, record, arch)
             if json_out:
                 print(json.dumps({"summary": cplan.summary(), "record": cplan.record,
                                   "files": cplan.plan.to_json()}))  # fmt: skip
@@ -199,11 +214,11 @@ def convert(
         options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
                                  checksum=checksum, fsync=fsync)  # fmt: skip
         show = not quiet and not json_out and err.is_terminal
-        with _progress(show) as (on_plan, advance):
+        with _progress(show) as (on_plan, advance), _sigterm_interrupts():
             try:
                 result = run_convert(
                     path, out_dir, layout=layout, tp=tp, options=options,
-                    progress=advance, on_plan=on_plan, record_source=record,
+                    progress=advance, on_plan=on_plan, record_source=record, arch=arch,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 raise GdnfuseError(
@@ -214,6 +229,24 @@ def convert(
         print(json.dumps(result.summary()))
     elif not quiet:
         out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()))
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """Treat SIGTERM (batch schedulers, ``kill``) like Ctrl-C: clean up, then say how to resume."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -232,6 +265,75 @@ def _progress(show: bool):
             lambda plan: bar.update(task, total=plan.plan.total_bytes),
             lambda n: bar.advance(task, n),
         )
+
+
+@app.command()
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="Converted checkpoint directory.")],
+    against: Annotated[
+        Path | None,
+        typer.Option(help="The unconverted source: un-fuse and compare every byte exactly."),
+    ] = None,
+    tp: Annotated[
+        int | None,
+        typer.Option(
+            "--tp",
+            min=1,
+            help="Consumer tensor-parallel size for the numeric check "
+            "(default: the recorded tp). tp-blocked serves only its recorded tp.",
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="GDN layer numbers for the numeric check, e.g. 0,1,2 or 0-7 "
+            "(default: every GDN layer)."
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Also write JUnit XML (for CI) to this file.")
+    ] = None,
+    numeric: Annotated[
+        bool, typer.Option("--numeric/--no-numeric", help="Run the float64 reference forward.")
+    ] = True,
+) -> None:
+    """Check a converted checkpoint: structure, exact bytes against the source (--against),
+    and a float64 reference forward of each GDN layer, split vs fused per TP rank.
+
+    Exit 0 when every check passed, 1 when one failed, 2 for bad input.
+    """
+    from gdnfuse.verify import verify as run_verify
+
+    with _errors():
+        numbers = _layer_numbers(layers) if layers is not None else None
+        report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric)
+        for path, text in (
+            (json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
+            (junit, lambda: report.to_junit() + "\n"),
+        ):
+            if path is not None:
+                try:
+                    path.write_text(text())
+                except OSError as e:
+                    raise GdnfuseError(f"cannot write: {e.strerror or e}", path=str(path)) from None
+    out.print(report.table())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _layer_numbers(spec: str) -> list[int]:
+    """``0,1,5-7`` -> ``[0, 1, 5, 6, 7]``."""
+    numbers: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, dash, hi = part.partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())):
+            raise GdnfuseError(f"--layers {spec!r}: expected numbers like 0,1,2 or 0-7")
+        numbers += range(int(lo), int(hi) + 1) if dash else [int(lo)]
+    if not numbers:
+        raise GdnfuseError(f"--layers {spec!r}: no layer numbers")
+    return numbers
 
 
 @app.command()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import ExecuteOptions, FileResult, ProgressFn, execute
@@ -59,9 +60,10 @@ def plan_source(
     layout: Layout = Layout.QWEN3_NEXT,
     tp: int = 1,
     record_source: Mapping[str, Any] | None = None,
+    arch: Arch | str = Arch.QWEN3_5,
 ) -> ConversionPlan:
     """Plan the conversion of a local checkpoint directory (reads headers only)."""
-    return plan_conversion(open_checkpoint(source), Layout(layout), tp, record_source)
+    return plan_conversion(open_checkpoint(source), Layout(layout), tp, record_source, Arch(arch))
 
 
 def convert(
@@ -74,13 +76,14 @@ def convert(
     progress: ProgressFn | None = None,
     on_plan: Callable[[ConversionPlan], None] | None = None,
     record_source: Mapping[str, Any] | None = None,
+    arch: Arch | str = Arch.QWEN3_5,
 ) -> ConvertResult:
     """Convert the checkpoint in directory ``source`` into ``out``.
 
     ``on_plan`` sees the plan before any byte is written (to size a progress bar).
     """
     started = time.perf_counter()
-    cplan = plan_source(source, Layout(layout), tp, record_source)
+    cplan = plan_source(source, Layout(layout), tp, record_source, arch)
     out_path = Path(out)
     check_destination(Path(source), out_path)
     old_names = _previous_outputs(out_path) if options.overwrite else set()
@@ -123,10 +126,14 @@ def check_free_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise GdnfuseError(
-            f"needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on that "
-            "filesystem (consider --link to hard-link untouched shards)",
+            f"not enough free space: needs {_size(needed)} but only {_size(free)} are free on "
+            "that filesystem (consider --link to hard-link untouched shards)",
             path=str(out),
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _previous_outputs(out: Path) -> set[str]:

@@ -14,5 +14,13 @@ class GdnfuseError(Exception):
         self.reason = message
         self.path = path
         self.tensor = tensor
-        where = ", ".join(p for p in (path and f"file {path}", tensor and f"tensor {tensor}") if p)
+        where = ", ".join(
+            p for p in (path and f"file {_clean(path)}", tensor and f"tensor {_clean(tensor)}") if p
+        )
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def _clean(name: str, limit: int = 300) -> str:
+    """A name as one bounded line: hostile headers may hold newlines or megabyte-long keys."""
+    text = name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,6 +10,11 @@ another. ``os.copy_file_range`` copies inside the kernel (no user-space buffer; 
 reflink on filesystems that share extents), which keeps conversion at disk speed with
 constant memory; ``sendfile`` and a large-buffer ``pread``/``pwrite`` are the fallbacks.
 
+Failures: a file being written is a temporary that is removed on every error and on
+Ctrl-C; the journal stays after any failure once writing has begun (the run can be
+finished with ``resume`` after freeing space or fixing the cause) and is removed on
+success. A kill -9 leaves temporaries too; ``resume`` and ``overwrite`` remove them.
+
 Safety: an existing output file is never opened for writing. New bytes always go to a
 freshly created temporary file that is renamed over the old name, so an output file that
 is a hard link to a source file (``link`` mode) can never write through into the source.
@@ -92,9 +97,12 @@ def execute(
                               done[f.name].get("sha256"))  # fmt: skip
         result = _write_file(f, out, options, report, cancel)
         with lock:
-            journal.write(json.dumps({"done": f.name, "linked": result.linked,
-                                      "sha256": result.sha256}) + "\n")  # fmt: skip
-            journal.flush()
+            try:
+                journal.write(json.dumps({"done": f.name, "linked": result.linked,
+                                          "sha256": result.sha256}) + "\n")  # fmt: skip
+                journal.flush()
+            except OSError as e:
+                raise _write_error(e, out / JOURNAL_NAME) from None
         return result
 
     try:
@@ -154,8 +162,12 @@ def _prepare(out: Path, plan: Plan, fingerprint: str, options: ExecuteOptions) -
             if f.last:
                 (out / f.name).unlink(missing_ok=True)
         _remove_temporaries(out)
-    out.mkdir(parents=True, exist_ok=True)
-    journal.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        journal.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    except OSError as e:
+        journal.unlink(missing_ok=True)
+        raise _write_error(e, journal) from None
     return {}
 
 
@@ -207,16 +219,20 @@ def _write_file(
         os.replace(tmp, final)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise GdnfuseError(
-                f"no space left on the device while writing {f.size} bytes; free space and "
-                "rerun with --resume",
-                path=str(final),
-            ) from None
-        if isinstance(e, OSError) and not isinstance(e, GdnfuseError):
-            raise GdnfuseError(f"cannot write: {e.strerror or e}", path=str(final)) from None
+        if isinstance(e, OSError):
+            raise _write_error(e, final) from None
         raise
     return FileResult(f.name, f.size, linked, False, digest)
+
+
+def _write_error(e: OSError, path: Path) -> GdnfuseError:
+    """One clear line for a failed write; a full disk says how to finish the run."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return GdnfuseError(
+            "no space left on the device (ENOSPC); free space and rerun with --resume",
+            path=str(path),
+        )
+    return GdnfuseError(f"cannot write: {e.strerror or e}", path=str(path))
 
 
 def _try_link(source: str, tmp: Path) -> bool:

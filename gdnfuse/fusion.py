@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gdnfuse import __version__
+from gdnfuse.arch import Arch, Relabel, plan_relabel
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import FUSED_SOURCES, Layout, check_tp, coalesce, fused_runs, valid_tp
 from gdnfuse.model import GdnGroup, ModelInfo, describe_config, find_gdn_groups, is_fused_gdn_key
 from gdnfuse.plan import Extent, OutputFile, Plan, coalesce_extents
-from gdnfuse.quant import check_quantization, group_dims, rewrite_quantization_config
+from gdnfuse.quant import block_rows, check_quantization, group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import encode_header
 
 RECORD_KEY = "gdnfuse"
@@ -41,6 +42,7 @@ class ConversionPlan:
     untouched: tuple[str, ...]  # shards copied or linked whole
     record: Mapping[str, Any]
     side_files: tuple[str, ...] = field(default=())
+    arch: Mapping[str, Any] | None = None  # what --arch re-labelling did (Relabel.summary)
 
     @property
     def layers(self) -> int:
@@ -77,6 +79,7 @@ class ConversionPlan:
             "bytes_untouched": self.bytes_untouched,
             "bytes_total": self.plan.total_bytes,
             "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
+            **({"arch": dict(self.arch)} if self.arch else {}),
         }
 
 
@@ -85,9 +88,15 @@ def plan_conversion(
     layout: Layout = Layout.QWEN3_NEXT,
     tp: int = 1,
     source: Mapping[str, Any] | None = None,
+    arch: Arch = Arch.QWEN3_5,
 ) -> ConversionPlan:
-    """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit."""
+    """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit.
+
+    ``arch=Arch.QWEN3_NEXT`` also re-labels every tensor and the config as a Qwen3-Next
+    checkpoint (:mod:`gdnfuse.arch`); the fused GDN tensors are planned the same way.
+    """
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
+    block_rows(model)  # refuse an unsupported scheme by name before its tensors confuse grouping
     tensors = ckpt.tensors
     fused = next((n for n in tensors if is_fused_gdn_key(n)), None)
     if fused is not None:
@@ -104,6 +113,14 @@ def plan_conversion(
         )
     check_tp(model.dims, tp)
     check_quantization(model, groups)
+    relabel: Relabel | None = None
+    if Arch(arch) is Arch.QWEN3_NEXT:
+        if layout is not Layout.QWEN3_NEXT:
+            raise GdnfuseError(
+                f"--arch qwen3-next needs --layout qwen3-next (Qwen3-Next loaders expect it), "
+                f"not {layout}"
+            )
+        relabel = plan_relabel(tensors, ckpt.config, model)
     record = {
         "format": RECORD_FORMAT,
         "layout": str(layout),
@@ -111,6 +128,7 @@ def plan_conversion(
         "source": dict(source or {"path": str(ckpt.root.resolve())}),
         "gdn_layers": len({g.prefix for g in groups}),
         "gdnfuse_version": __version__,
+        **({"arch": dict(relabel.summary)} if relabel else {}),
     }
     shard_meta = {
         f"{RECORD_KEY}.format": str(RECORD_FORMAT),
@@ -125,6 +143,10 @@ def plan_conversion(
     touched = {g.parts[g.anchor].file for g in groups} | {
         ref.file for g in groups for ref in g.parts.values()
     }
+    if relabel is not None:  # a shard whose names or tensors change gets a new header
+        touched |= {
+            ref.file for n, ref in tensors.items() if n in relabel.pieces or relabel.rename(n) != n
+        }
 
     files: list[OutputFile] = []
     weight_map: dict[str, str] = {}
@@ -147,15 +169,24 @@ def plan_conversion(
             if t.name in anchored:
                 g = anchored[t.name]
                 name, rows, t_extents = _fused_tensor(ckpt, g, model, layout, tp)
-                entries.append(
-                    (name, t.dtype, (rows, *t.shape[1:]), sum(e.length for e in t_extents))
-                )
+                name = relabel.rename(name) if relabel else name
+                new = [(name, t.dtype, (rows, *t.shape[1:]), sum(e.length for e in t_extents))]
                 extents += t_extents
+            elif relabel is not None:
+                start, _ = header.file_range(t)
+                new = []
+                for piece in relabel.outputs(t.name, t.shape, t.nbytes):
+                    new.append((piece.name, t.dtype, piece.shape, piece.length))
+                    extents.append(Extent(src_path, start + piece.offset, piece.length))
             else:
-                entries.append((t.name, t.dtype, t.shape, t.nbytes))
+                new = [(t.name, t.dtype, t.shape, t.nbytes)]
                 extents.append(Extent(src_path, *header.file_range(t)))
-            weight_map[entries[-1][0]] = shard
-            total_size += entries[-1][3]
+            for entry in new:
+                entries.append(entry)
+                weight_map[entry[0]] = shard
+                total_size += entry[3]
+        if not entries:  # every tensor left out (a vision-only shard): no file at all
+            continue
         metadata = {**(header.metadata or {}), **shard_meta}
         files.append(OutputFile(shard, encode_header(entries, metadata), coalesce_extents(extents)))
         rewritten.append(shard)
@@ -165,7 +196,7 @@ def plan_conversion(
         OutputFile(f, extents=(Extent(str(ckpt.root / f), 0, (ckpt.root / f).stat().st_size),))
         for f in side
     ]
-    config = dict(ckpt.config)
+    config = dict(relabel.config if relabel else ckpt.config)
     if model.quantization is not None:
         config = rewrite_quantization_config(config, groups)
     config[RECORD_KEY] = record
@@ -177,7 +208,7 @@ def plan_conversion(
     files.append(OutputFile(INDEX_NAME, _json_bytes(index), last=True))
     return ConversionPlan(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
-        record, tuple(side),
+        record, tuple(side), relabel.summary if relabel else None,
     )  # fmt: skip
 
 

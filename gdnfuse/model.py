@@ -70,12 +70,15 @@ def describe_config(config: Mapping[str, Any], path: str = "config.json") -> Mod
     missing = [n for n in names if not isinstance(fields.get(n), int)]
     if missing:
         raise GdnfuseError(f"config lacks integer {', '.join(missing)}", path=path)
-    dims = GdnDims(
-        nk=fields["linear_num_key_heads"],
-        nv=fields["linear_num_value_heads"],
-        dk=fields["linear_key_head_dim"],
-        dv=fields["linear_value_head_dim"],
-    )
+    try:
+        dims = GdnDims(
+            nk=fields["linear_num_key_heads"],
+            nv=fields["linear_num_value_heads"],
+            dk=fields["linear_key_head_dim"],
+            dv=fields["linear_value_head_dim"],
+        )
+    except GdnfuseError as e:  # say which file holds the bad numbers
+        raise GdnfuseError(e.reason, path=path) from None
     quant = config.get("quantization_config") or fields.get("quantization_config")
     return ModelInfo(model_type, dims, fields["hidden_size"], key, quant)
 

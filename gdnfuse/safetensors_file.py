@@ -14,8 +14,8 @@ the buffer), plus an optional "__metadata__" of str -> str.
 from __future__ import annotations
 
 import json
-import math
 import os
+import reprlib
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -80,6 +80,30 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _short(x: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a hostile header must not make a huge message."""
+    r = reprlib.Repr()  # attributes, not keywords: Python 3.11
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _nbytes(shape: list[int], item: int, limit: int) -> int | None:
+    """``prod(shape) * item``, or None once it passes ``limit`` by more than 64 bits' worth.
+
+    A hostile shape of thousands of huge dims would otherwise build a million-digit integer
+    (seconds of CPU, and too many digits to print); such a size can only be a mismatch.
+    """
+    if 0 in shape:
+        return 0
+    n = item
+    for d in shape:
+        n *= d
+        if n > limit:
+            return n if n.bit_length() <= 64 else None
+    return n
+
+
 def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
     """Validate a header's JSON bytes against the file size (pure, for fuzzing)."""
     try:
@@ -105,29 +129,32 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
             entry.get("shape"),
             entry.get("data_offsets"),
         )
-        if dtype not in DTYPE_BYTES:
-            raise _fail(path, f"unsupported dtype {dtype!r}", name)
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise _fail(path, f"unsupported dtype {_short(dtype)}", name)
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", name)
+            raise _fail(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
         ):
-            raise _fail(path, f"data_offsets {offsets!r} is not [begin, end]", name)
+            raise _fail(path, f"data_offsets {_short(offsets)} is not [begin, end]", name)
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise _fail(path, f"data_offsets [{begin}, {end}] are not increasing", name)
+            raise _fail(
+                path, f"data_offsets [{_short(begin)}, {_short(end)}] are not increasing", name
+            )
         if end > data_size:
             raise _fail(
                 path,
-                f"data_offsets end {end} exceeds the {data_size}-byte data buffer "
+                f"data_offsets end {_short(end)} exceeds the {data_size}-byte data buffer "
                 "(file truncated?)",
                 name,
             )
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        expected = _nbytes(shape, DTYPE_BYTES[dtype], limit=end - begin)
         if end - begin != expected:
+            need = f"more than {end - begin}" if expected is None else str(expected)
             raise _fail(
                 path,
-                f"byte length {end - begin} != {expected} for shape {shape} x {dtype}",
+                f"byte length {end - begin} but shape {_short(shape)} x {dtype} needs {need}",
                 name,
             )
         tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
@@ -135,14 +162,16 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
     position, previous = 0, None
     for t in tensors:
         if t.begin < position:
-            raise _fail(path, f"bytes overlap tensor {previous}", t.name)
+            raise _fail(path, f"bytes overlap tensor {_short(previous)}", t.name)
         if t.begin > position:
             raise _fail(path, f"hole of {t.begin - position} bytes before this tensor", t.name)
         position, previous = t.end, t.name
     if position != data_size:
         raise _fail(
             path,
-            f"data buffer is {data_size} bytes but tensors cover {position} (truncated or padded)",
+            f"data buffer is {data_size} bytes but tensors cover only {position} (trailing "
+            "bytes after the last tensor)",
+            previous,
         )
     return SafetensorsHeader(path, tuple(tensors), metadata, data_start, file_size)
 
