@@ -7,11 +7,13 @@ Never imports torch.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,23 @@ def plan_source(
     arch: Arch | str = Arch.QWEN3_5,
 ) -> ConversionPlan:
     """Plan the conversion of a local checkpoint directory (reads headers only)."""
-    return plan_conversion(open_checkpoint(source), Layout(layout), tp, record_source, Arch(arch))
+    with _gc_paused():
+        return plan_conversion(
+            open_checkpoint(source), Layout(layout), tp, record_source, Arch(arch)
+        )
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning builds ~5 small objects per tensor and no reference cycles; with 200k tensors
+    (MoE) the cyclic collector's repeated passes cost a quarter of ``inspect``'s time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def convert(

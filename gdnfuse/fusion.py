@@ -97,16 +97,16 @@ def plan_conversion(
     """
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
     block_rows(model)  # refuse an unsupported scheme by name before its tensors confuse grouping
-    tensors = ckpt.tensors
-    fused = next((n for n in tensors if is_fused_gdn_key(n)), None)
+    gdn = ckpt.select(lambda name: ".linear_attn.in_proj_" in name)
+    fused = next((n for n in gdn if is_fused_gdn_key(n)), None)
     if fused is not None:
         raise GdnfuseError(
             "checkpoint is already fused (has in_proj_qkvz/in_proj_ba); check it with "
             "`gdnfuse verify`",
-            path=str(ckpt.root / tensors[fused].file),
+            path=str(ckpt.root / gdn[fused].file),
             tensor=fused,
         )
-    groups = find_gdn_groups(tensors, model)
+    groups = find_gdn_groups(gdn, model)
     if not groups:
         raise GdnfuseError(
             "no split GDN projections (linear_attn.in_proj_qkv/z/b/a) found", path=str(ckpt.root)
@@ -120,6 +120,7 @@ def plan_conversion(
                 f"--arch qwen3-next needs --layout qwen3-next (Qwen3-Next loaders expect it), "
                 f"not {layout}"
             )
+        tensors = ckpt.tensors
         relabel = plan_relabel(tensors, ckpt.config, model)
     record = {
         "format": RECORD_FORMAT,
@@ -158,9 +159,8 @@ def plan_conversion(
             files.append(OutputFile(shard, extents=((Extent(src_path, 0, header.file_size)),),
                                     whole_source=src_path))  # fmt: skip
             untouched.append(shard)
-            for t in header.tensors:
-                weight_map[t.name] = shard
-                total_size += t.nbytes
+            weight_map.update(dict.fromkeys((t.name for t in header.tensors), shard))
+            total_size += header.file_size - header.data_start  # validated: tensors tile it
             continue
         entries, extents = [], []
         for t in header.tensors:
@@ -205,7 +205,7 @@ def plan_conversion(
     index_meta["total_size"] = total_size
     index = {**(ckpt.index or {}), "metadata": index_meta,
              "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
-    files.append(OutputFile(INDEX_NAME, _json_bytes(index), last=True))
+    files.append(OutputFile(INDEX_NAME, _index_bytes(index), last=True))
     return ConversionPlan(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
         record, tuple(side), relabel.summary if relabel else None,
@@ -231,3 +231,18 @@ def _fused_tensor(
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _index_bytes(index: Mapping[str, Any]) -> bytes:
+    """The index laid out like ``json.dumps(indent=2)``, one tensor per line.
+
+    ``indent`` switches json to its pure-Python encoder (about 1 s for a 200k-tensor MoE
+    index); separators that carry the newline keep the C encoder and the same layout.
+    """
+    head = {k: v for k, v in index.items() if k != "weight_map"}
+    inner = _json_bytes(head).decode().rstrip()[1:-1].rstrip()  # "\n  ..." or ""
+    tensors = json.dumps(index["weight_map"], ensure_ascii=False, separators=(",\n    ", ": "))
+    if tensors != "{}":
+        tensors = f"{{\n    {tensors[1:-1]}\n  }}"
+    text = f'{{{inner}{"," if inner else ""}\n  "weight_map": {tensors}\n}}\n'
+    return text.encode()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims
@@ -83,9 +83,11 @@ def describe_config(config: Mapping[str, Any], path: str = "config.json") -> Mod
     return ModelInfo(model_type, dims, fields["hidden_size"], key, quant)
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor and the shard (file name, relative to the checkpoint) that holds it."""
+class TensorRef(NamedTuple):
+    """A tensor and the shard (file name, relative to the checkpoint) that holds it.
+
+    A NamedTuple for the same reason as :class:`TensorInfo`: one per tensor, 200k+ in MoE.
+    """
 
     file: str
     info: TensorInfo

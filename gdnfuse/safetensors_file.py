@@ -14,11 +14,13 @@ the buffer), plus an optional "__metadata__" of str -> str.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import reprlib
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from gdnfuse.errors import GdnfuseError
 
@@ -33,9 +35,12 @@ DTYPE_BYTES: dict[str, int] = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's entry; ``begin``/``end`` are offsets into the data buffer."""
+class TensorInfo(NamedTuple):
+    """One tensor's entry; ``begin``/``end`` are offsets into the data buffer.
+
+    A NamedTuple rather than a frozen dataclass: MoE checkpoints have 200k+ entries, and
+    construction cost shows up in ``inspect`` time (3x cheaper, equally immutable).
+    """
 
     name: str
     dtype: str
@@ -104,6 +109,66 @@ def _nbytes(shape: list[int], item: int, limit: int) -> int | None:
     return n
 
 
+_BY_OFFSETS = operator.itemgetter(3, 4)  # (begin, end) of a TensorInfo
+
+
+def _fast_entry(name: str, entry: Any, data_size: int) -> TensorInfo | None:
+    """The common, well-formed entry in few operations; None sends it to :func:`_entry`.
+
+    Only ever accepts: anything unusual (including a valid entry with a zero dimension
+    after a large one) falls through to the precise checks, which decide and explain.
+    """
+    try:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        n = DTYPE_BYTES[dtype]
+        begin, end = offsets
+    except (TypeError, KeyError, ValueError):
+        return None
+    if not (type(shape) is list and type(offsets) is list and type(begin) is int
+            and type(end) is int and 0 <= begin <= end <= data_size):  # fmt: skip
+        return None
+    size = end - begin
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+        n *= d
+        if n > size:  # stop before a hostile shape builds a huge integer
+            return None
+    return TensorInfo(name, dtype, tuple(shape), begin, end) if n == size else None
+
+
+def _entry(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
+    """Validate one tensor entry; raise the precise error for what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise _fail(path, "entry is not an object", name)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise _fail(path, f"unsupported dtype {_short(dtype)}", name)
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise _fail(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _fail(path, f"data_offsets {_short(offsets)} is not [begin, end]", name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _fail(path, f"data_offsets [{_short(begin)}, {_short(end)}] are not increasing", name)
+    if end > data_size:
+        raise _fail(
+            path,
+            f"data_offsets end {_short(end)} exceeds the {data_size}-byte data buffer "
+            "(file truncated?)",
+            name,
+        )
+    expected = _nbytes(shape, DTYPE_BYTES[dtype], limit=end - begin)
+    if end - begin != expected:
+        need = f"more than {end - begin}" if expected is None else str(expected)
+        raise _fail(
+            path,
+            f"byte length {end - begin} but shape {_short(shape)} x {dtype} needs {need}",
+            name,
+        )
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
 def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
     """Validate a header's JSON bytes against the file size (pure, for fuzzing)."""
     try:
@@ -122,43 +187,8 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
     data_size = file_size - data_start
     tensors = []
     for name, entry in obj.items():
-        if not isinstance(entry, dict):
-            raise _fail(path, "entry is not an object", name)
-        dtype, shape, offsets = (
-            entry.get("dtype"),
-            entry.get("shape"),
-            entry.get("data_offsets"),
-        )
-        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            raise _fail(path, f"unsupported dtype {_short(dtype)}", name)
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise _fail(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-        ):
-            raise _fail(path, f"data_offsets {_short(offsets)} is not [begin, end]", name)
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise _fail(
-                path, f"data_offsets [{_short(begin)}, {_short(end)}] are not increasing", name
-            )
-        if end > data_size:
-            raise _fail(
-                path,
-                f"data_offsets end {_short(end)} exceeds the {data_size}-byte data buffer "
-                "(file truncated?)",
-                name,
-            )
-        expected = _nbytes(shape, DTYPE_BYTES[dtype], limit=end - begin)
-        if end - begin != expected:
-            need = f"more than {end - begin}" if expected is None else str(expected)
-            raise _fail(
-                path,
-                f"byte length {end - begin} but shape {_short(shape)} x {dtype} needs {need}",
-                name,
-            )
-        tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
-    tensors.sort(key=lambda t: (t.begin, t.end))
+        tensors.append(_fast_entry(name, entry, data_size) or _entry(path, name, entry, data_size))
+    tensors.sort(key=_BY_OFFSETS)
     position, previous = 0, None
     for t in tensors:
         if t.begin < position:
