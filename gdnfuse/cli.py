@@ -299,6 +299,14 @@ def verify(
     numeric: Annotated[
         bool, typer.Option("--numeric/--no-numeric", help="Run the float64 reference forward.")
     ] = True,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, or cuda: also run each layer in bf16 with the engines' kind of kernels "
+            "(fla / Triton), fused vs split and both vs float64; with --tp N and N GPUs, one "
+            "process per GPU (NCCL), each reading only its slice. Needs --against."
+        ),
+    ] = "cpu",
 ) -> None:
     """Check a converted checkpoint: structure, exact bytes against the source (--against),
     and a float64 reference forward of each GDN layer, split vs fused per TP rank.
@@ -309,7 +317,10 @@ def verify(
 
     with _errors():
         numbers = _layer_numbers(layers) if layers is not None else None
-        report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric)
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise GdnfuseError(f"--device {device!r}: use cpu or cuda")
+        report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric,
+                            device=device)  # fmt: skip
         for path, text in (
             (json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
             (junit, lambda: report.to_junit() + "\n"),

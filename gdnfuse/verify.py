@@ -86,6 +86,8 @@ def verify(
         from gdnfuse.verify_numeric import check_numeric
 
         checks += check_numeric(ck, src, selected, tp=tp, device=device)
+        if device != "cpu":
+            checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
     else:
         checks.append(skipped("numeric", "--no-numeric: reference forward not run"))
     settings = {
@@ -102,3 +104,34 @@ def verify(
         seconds=time.perf_counter() - started,
         settings=settings,
     )
+
+
+def check_gpu(
+    root: Path, against: str | os.PathLike[str] | None, tp: int, device: str
+) -> list[CheckResult]:
+    """The engines' precision on the engines' hardware: bf16, fla/Triton kernels, real ranks.
+
+    With ``tp`` > 1 and that many GPUs, one process per GPU (NCCL), each reading only its
+    own slice of the fused tensors; otherwise the ranks are simulated on one device.
+    Thresholds and why: :mod:`gdnfuse.reference.gpu` and the README.
+    """
+    if against is None:
+        return [skipped("numeric.gpu", "--device needs --against: it compares with the split")]
+    import torch
+
+    from gdnfuse.reference import distributed
+
+    if tp > 1 and device == "cuda" and torch.cuda.device_count() >= tp:
+        report = distributed.verify_tp(root, against, tp, device)
+        lines = distributed.format_report(report)
+        return [CheckResult(f"numeric.gpu.tp{tp}", bool(report["passed"]), "; ".join(lines))]
+    results = distributed.verify_gpu(root, against, device=device, tp=tp)
+    return [
+        CheckResult(
+            f"numeric.gpu.{r.layer}",
+            r.passed,
+            "; ".join(line.strip() for line in r.lines()),
+            tensor=r.layer,
+        )  # fmt: skip
+        for r in results
+    ]
