@@ -10,7 +10,7 @@ safetensors load_file, torch reshapes, save_file), `gdnfuse convert --copy` and
 cache (sync; drop_caches, when permitted) and its time includes a final `sync`, so the
 figures are disk time, not page-cache time. Peak RSS is the child's own (wait4).
 It also times `gdnfuse inspect` and `convert --dry-run` on a header-only (sparse) MoE
-checkpoint with ~200k tensors, and converts a MoE checkpoint with ~50k small expert tensors.
+checkpoint with ~200k tensors, and (--moe) converts a MoE checkpoint with ~92k tiny expert tensors.
 Prints a markdown table; --out writes it to a file.
 """
 
@@ -49,17 +49,23 @@ def drop_caches() -> bool:
         return False
 
 
-def timed(cmd: list[str], out: Path | None) -> Run:
-    """Run ``cmd`` with a cold cache; wall time includes a final sync; RSS from wait4."""
+def timed(cmd: list[str], out: Path | None, work: Path) -> Run:
+    """Run ``cmd`` with a cold cache; wall time includes a final sync.
+
+    Peak RSS comes from ``/usr/bin/time``: a child forked straight from this (large) process
+    would report this process's RSS, since Linux keeps the high-water mark across exec.
+    """
     drop_caches()
+    rss_file = work / "rss.txt"
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd],
+                          stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run(["sync"], check=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return Run(seconds, usage.ru_maxrss / 1024, written_bytes(out) if out else 0)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    rss_kb = int(rss_file.read_text().split()[-1])
+    return Run(seconds, rss_kb / 1024, written_bytes(out) if out else 0)
 
 
 def written_bytes(out: Path) -> int:
@@ -68,14 +74,23 @@ def written_bytes(out: Path) -> int:
 
 
 def shape_for_size(gb: float) -> ModelShape:
-    """Qwen3.5-27B shapes with as many layers as fit ``gb`` gigabytes of bf16."""
+    """Qwen3.5-27B shapes with as many layers as fit ``gb`` GB of bf16 (at least 2).
+
+    The real vocabulary (embeddings + lm_head = 5 GB) is kept when it is at most half the
+    size; below that it is shrunk to a quarter of the size, so small runs still have layers.
+    """
     base = PRESETS["qwen3.5-27b"]
-    per_layer = sum(_numel(s) for _, s in tensor_shapes(replace(base, layers=4))) - sum(
-        _numel(s) for _, s in tensor_shapes(replace(base, layers=0))
-    )
-    fixed = sum(_numel(s) for _, s in tensor_shapes(replace(base, layers=0)))
-    layers = max(4, round((gb * 1e9 / 2 - fixed) / (per_layer / 4)))
-    return replace(base, layers=layers)
+    target = gb * 1e9 / 2  # values
+    fixed = _values(replace(base, layers=0))
+    if fixed > target / 2:
+        base = replace(base, vocab=int(target / 4 / (2 * base.hidden)))
+        fixed = _values(replace(base, layers=0))
+    per_layer = (_values(replace(base, layers=4)) - fixed) / 4
+    return replace(base, layers=max(2, round((target - fixed) / per_layer)))
+
+
+def _values(shape: ModelShape) -> int:
+    return sum(_numel(s) for _, s in tensor_shapes(shape))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -101,12 +116,12 @@ def bench_size(name: str, src: Path, work: Path, repeat: int) -> dict[str, list[
         for method, make in methods.items():
             dst = work / "out"
             shutil.rmtree(dst, ignore_errors=True)
-            run = timed(make(dst), dst)
+            run = timed(make(dst), dst, work)
             results[method].append(run)
             print(f"[{name} round {i + 1}] {method}: {run.seconds:.2f} s, "
                   f"{run.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
             if method == "gdnfuse --copy":
-                verify = timed([*GDNFUSE, "verify", str(dst), "--against", str(src)], None)
+                verify = timed([*GDNFUSE, "verify", str(dst), "--against", str(src)], None, work)
                 results["gdnfuse verify --against"].append(verify)
         shutil.rmtree(work / "out", ignore_errors=True)
     return results
@@ -179,7 +194,8 @@ def main() -> None:
     ap.add_argument("--moe", action="store_true", help="also a ~50k-tensor MoE conversion")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    work = args.workdir
+    out_file = args.out.resolve() if args.out else None  # before chdir
+    work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     report = [f"Machine: {machine()}", f"Cold cache per run: {drop_caches()}", "",
@@ -189,9 +205,9 @@ def main() -> None:
         for gb in args.sizes.split(",")
     ]
     if args.moe:
-        moe = ModelShape(hidden=2048, layers=40, nk=16, nv=32, experts=512,
-                         moe_intermediate=16, vocab=32000)  # fmt: skip
-        cases.append(("MoE, 512 experts x 40 layers (small experts)", moe, 1 << 30))
+        moe = ModelShape(hidden=1024, layers=60, nk=16, nv=32, experts=512,
+                         moe_intermediate=8, vocab=32000)  # fmt: skip
+        cases.append(("MoE, 512 experts x 60 layers (tiny experts)", moe, 1 << 30))
     for name, shape, shard in cases:
         src = work / "src"
         shutil.rmtree(src, ignore_errors=True)
@@ -205,8 +221,8 @@ def main() -> None:
     report.append(bench_planning(work))
     text = "\n".join(report)
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    if out_file:
+        out_file.write_text(text)
 
 
 if __name__ == "__main__":
