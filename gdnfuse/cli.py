@@ -38,6 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True)
@@ -47,7 +48,7 @@ LayoutOpt = Annotated[
     typer.Option(
         "--layout",
         help="qwen3-next: per key-head group, what Qwen3-Next loaders expect (TP-invariant). "
-        "tp-blocked: each TP rank's rows contiguous as [q|k|v|z], for pre-sharded loaders.",
+        "tp-blocked: each TP rank's rows contiguous as q|k|v|z, for pre-sharded loaders.",
     ),
 ]
 TpOpt = Annotated[
@@ -125,8 +126,11 @@ def inspect(
     cache_dir: CacheOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Show what a conversion would change: GDN layers, valid --tp values, bytes rewritten vs
-    copied or linked. Reads only config.json, the index and the safetensors headers."""
+    """Show what a conversion would change, without converting.
+
+    GDN layers found, valid --tp values, bytes rewritten vs copied or linked. Reads only
+    config.json, the index and the safetensors headers (for a Hub repo: HTTP range reads).
+    """
     from gdnfuse.convert import plan_source
 
     with _errors():
@@ -308,10 +312,12 @@ def verify(
         ),
     ] = "cpu",
 ) -> None:
-    """Check a converted checkpoint: structure, exact bytes against the source (--against),
-    and a float64 reference forward of each GDN layer, split vs fused per TP rank.
+    """Prove a converted checkpoint right: structure, exact bytes, reference forward.
 
-    Exit 0 when every check passed, 1 when one failed, 2 for bad input.
+    Structure of every shard, index and layout record; with --against, every byte against
+    the source (fused tensors un-fused by the recorded layout); a float64 reference forward
+    of each GDN layer, split vs fused per TP rank. Exit 0 when every check passed, 1 when
+    one failed, 2 for bad input.
     """
     from gdnfuse.verify import verify as run_verify
 
@@ -354,8 +360,11 @@ def demo(
     ] = None,
     tp: TpOpt = 2,
 ) -> None:
-    """Make a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), convert it with --tp 2 in
-    both layouts, verify each against the source, and show the results."""
+    """Convert and verify a built-in example checkpoint.
+
+    Writes a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), converts it with --tp 2 in
+    both layouts, verifies each against the source, and shows the results.
+    """
     from gdnfuse.convert import convert as run_convert
     from gdnfuse.synthetic import write_checkpoint
 
