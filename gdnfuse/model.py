@@ -156,7 +156,7 @@ def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple
                 )
     groups = []
     for (prefix, fused, leaf), parts in sorted(
-        found.items(), key=lambda kv: (_natural(kv[0][0]), kv[0][1], kv[0][2])
+        found.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][1], kv[0][2])
     ):
         group = GdnGroup(prefix, fused, leaf, parts)
         for part in FUSED_SOURCES[fused]:
@@ -197,6 +197,6 @@ def _check_weight_shapes(group: GdnGroup, model: ModelInfo) -> None:
             )
 
 
-def _natural(s: str) -> list[Any]:
+def natural_key(s: str) -> list[Any]:
     """Sort key that puts layers.10 after layers.9."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -26,7 +26,7 @@ from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import JOURNAL_NAME
 from gdnfuse.fusion import RECORD_FORMAT, RECORD_KEY
 from gdnfuse.layout import BA, QKVZ, GdnDims, Layout, valid_tp
-from gdnfuse.model import ModelInfo, TensorRef, _natural, describe_config, is_split_gdn_key
+from gdnfuse.model import ModelInfo, TensorRef, describe_config, is_split_gdn_key, natural_key
 from gdnfuse.quant import block_rows
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
 from gdnfuse.verify_report import CheckResult, failed, outcome, skipped
@@ -75,7 +75,7 @@ class FusedCheckpoint:
             m = FUSED_KEY.match(name) or CONV_KEY.match(name)
             if m:
                 prefixes.add(m["prefix"])
-        return tuple(sorted(prefixes, key=_natural))
+        return tuple(sorted(prefixes, key=natural_key))
 
     def fused_name(self, prefix: str, fused: str, leaf: str = "weight") -> str:
         return f"{prefix}in_proj_{fused}.{leaf}"

@@ -29,7 +29,7 @@ from gdnfuse.checkpoint import Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import GdnDims, Layout, check_tp
-from gdnfuse.model import describe_config
+from gdnfuse.model import describe_config, natural_key
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
 
@@ -79,13 +79,9 @@ def describe_fused(ckpt: Checkpoint) -> FusedModel:
     text = ckpt.config.get("text_config") if model.text_config_key else ckpt.config
     return FusedModel(
         root=str(ckpt.root), dims=model.dims, layout=Layout(record["layout"]),
-        record_tp=int(record.get("tp", 1)), prefixes=tuple(sorted(prefixes, key=_natural)),
+        record_tp=int(record.get("tp", 1)), prefixes=tuple(sorted(prefixes, key=natural_key)),
         files={n: r.file for n, r in tensors.items()}, eps=float(text.get("rms_norm_eps", 1e-6)),
     )  # fmt: skip
-
-
-def _natural(s: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
 def check_verify_tp(model: FusedModel, tp: int) -> None:
