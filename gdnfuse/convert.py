@@ -21,7 +21,14 @@ from typing import Any
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import open_checkpoint
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions, FileResult, ProgressFn, execute
+from gdnfuse.executor import (
+    JOURNAL_NAME,
+    ExecuteOptions,
+    FileResult,
+    ProgressFn,
+    execute,
+    finished_files,
+)
 from gdnfuse.fusion import ConversionPlan, plan_conversion
 from gdnfuse.layout import Layout
 from gdnfuse.plan import OutputFile
@@ -105,9 +112,10 @@ def convert(
     out_path = Path(out)
     check_destination(Path(source), out_path)
     old_names = _previous_outputs(out_path) if options.overwrite else set()
-    if not options.resume:
-        needed = cplan.plan.total_bytes - (cplan.bytes_untouched if options.link else 0)
-        check_free_space(out_path, needed)
+    skip = set(cplan.untouched) if options.link else set()
+    if options.resume and (out_path / JOURNAL_NAME).is_file():
+        skip |= set(finished_files(out_path, cplan.plan.fingerprint()))
+    check_free_space(out_path, sum(f.size for f in cplan.plan.files if f.name not in skip))
     if on_plan:
         on_plan(cplan)
 

@@ -116,32 +116,40 @@ def execute(
     return tuple(sorted(results, key=lambda r: order.get(r.name, len(order))))
 
 
+def finished_files(out: Path, fingerprint: str) -> dict[str, dict]:
+    """Files an interrupted run with this plan finished (journal entries whose file exists).
+
+    Raises when the journal belongs to another plan: resuming it would mix two outputs.
+    """
+    lines = (out / JOURNAL_NAME).read_text().splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        head = {}
+    if head.get("fingerprint") != fingerprint:
+        raise GdnfuseError(
+            "--resume with different options or inputs than the interrupted run; "
+            "rerun with the same options, or use --overwrite to start again",
+            path=str(out),
+        )
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut by the kill: that file is redone
+            continue
+        if (out / entry["done"]).is_file():
+            done[entry["done"]] = entry
+    return done
+
+
 def _prepare(out: Path, plan: Plan, fingerprint: str, options: ExecuteOptions) -> dict[str, dict]:
     """Check the output directory against the options; returns files already done."""
     journal = out / JOURNAL_NAME
     if out.exists() and not out.is_dir():
         raise GdnfuseError("output exists and is not a directory", path=str(out))
     if options.resume and journal.is_file():
-        lines = journal.read_text().splitlines()
-        try:
-            head = json.loads(lines[0]) if lines else {}
-        except ValueError:
-            head = {}
-        if head.get("fingerprint") != fingerprint:
-            raise GdnfuseError(
-                "--resume with different options or inputs than the interrupted run; "
-                "rerun with the same options, or use --overwrite to start again",
-                path=str(out),
-            )
-        done = {}
-        for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut by the kill: that file is redone
-                continue
-            final = out / entry["done"]
-            if final.is_file():
-                done[entry["done"]] = entry
+        done = finished_files(out, fingerprint)
         _remove_temporaries(out)
         return done
     if out.is_dir() and any(out.iterdir()):
