@@ -35,7 +35,8 @@ class Checkpoint:
     config: Mapping[str, Any]
     shards: Mapping[str, SafetensorsHeader]  # file name (relative) -> header
     index: Mapping[str, Any] | None
-    side_files: tuple[str, ...]  # relative paths to copy as they are
+    side_files: Mapping[str, int]  # relative path -> size, copied as they are
+    ignored: tuple[str, ...] = ()  # *.safetensors the index does not name (not part of the model)
 
     @property
     def tensors(self) -> dict[str, TensorRef]:
@@ -91,11 +92,26 @@ def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
     files = list_files(root)
     index = _load_json(root / INDEX_NAME) if INDEX_NAME in files else None
     shard_names = sorted(f for f in files if f.endswith(".safetensors"))
+    ignored: list[str] = []
     if index is not None:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise GdnfuseError("index has no weight_map object", path=str(root / INDEX_NAME))
-        for name in sorted(set(weight_map.values())):
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise GdnfuseError(
+                "index maps a tensor to a non-string shard name",
+                path=str(root / INDEX_NAME),
+                tensor=bad,
+            )
+        if not isinstance(index.get("metadata", {}), dict):
+            raise GdnfuseError("index metadata is not an object", path=str(root / INDEX_NAME))
+        # Loaders read the shards the index names; another *.safetensors beside them (a
+        # consolidated copy, an adapter) is not part of this model.
+        named = set(weight_map.values())
+        ignored = [f for f in shard_names if f not in named]
+        shard_names = [f for f in shard_names if f in named]
+        for name in sorted(named):
             if name not in shard_names:
                 tensor = next(k for k, v in weight_map.items() if v == name)
                 raise GdnfuseError(
@@ -136,5 +152,12 @@ def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
             path=str(root / seen[unlisted[0]]),
             tensor=unlisted[0],
         )
-    side = tuple(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_NAME,))
-    return Checkpoint(root, config, shards, index, side)
+    side = {f: _size(root / f) for f in files if not f.endswith(".safetensors") and f != INDEX_NAME}
+    return Checkpoint(root, config, shards, index, side, tuple(ignored))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:  # a dangling symlink (a deleted cache blob), permissions
+        raise GdnfuseError(f"cannot read: {e.strerror or e}", path=str(path)) from None

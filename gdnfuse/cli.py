@@ -25,6 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from gdnfuse.arch import Arch
 from gdnfuse.errors import GdnfuseError
@@ -58,7 +59,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 
 
 def _fail(e: GdnfuseError | str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    # Text, not markup: paths and tensor names may contain [brackets].
+    err.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -79,13 +81,13 @@ def _human(n: float) -> str:
 
 
 def _summary_table(title: str, summary: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False)
+    table = Table(title=Text(title), show_header=False)
     for key, value in summary.items():
         if key.startswith("bytes_"):
             value = f"{_human(value)} ({value:,} B)"
         elif key == "layers":
             value = f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))
     return table
 
 
@@ -212,7 +214,7 @@ def convert(
                 for f in cplan.plan.files:
                     how = "copy/link" if f.whole_source else (
                         f"rewrite ({len(f.extents)} ranges)" if f.extents else "new")  # fmt: skip
-                    table.add_row(f.name, _human(f.size), how)
+                    table.add_row(Text(f.name), _human(f.size), how)
                 out.print(table)
             return
         options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
@@ -370,7 +372,7 @@ def demo(
 
     root = Path(workdir or tempfile.mkdtemp(prefix="gdnfuse-demo-"))
     src = write_checkpoint(root / "qwen3.5-tiny", "tiny", shard_bytes=200_000, dtype="BF16")
-    out.print(f"wrote example checkpoint [bold]{src}[/]")
+    out.print(Text.assemble("wrote example checkpoint ", (str(src), "bold")))
     status = 0
     for layout in Layout:
         dst = root / f"fused-{layout}"

@@ -28,6 +28,7 @@ from gdnfuse.executor import (
     ProgressFn,
     execute,
     finished_files,
+    journal_head,
 )
 from gdnfuse.fusion import ConversionPlan, plan_conversion
 from gdnfuse.layout import Layout
@@ -111,10 +112,11 @@ def convert(
     cplan = plan_source(source, Layout(layout), tp, record_source, arch)
     out_path = Path(out)
     check_destination(Path(source), out_path)
-    old_names = _previous_outputs(out_path) if options.overwrite else set()
+    new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
+    stale = sorted(_previous_outputs(out_path) - new_names) if options.overwrite else []
     skip = set(cplan.untouched) if options.link else set()
     if options.resume and (out_path / JOURNAL_NAME).is_file():
-        skip |= set(finished_files(out_path, cplan.plan.fingerprint()))
+        skip |= set(finished_files(out_path, journal_head(cplan.plan, options)))
     check_free_space(out_path, sum(f.size for f in cplan.plan.files if f.name not in skip))
     if on_plan:
         on_plan(cplan)
@@ -128,9 +130,8 @@ def convert(
         }
         return [OutputFile(MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())]
 
-    files = execute(cplan.plan, out_path, options, progress, before_last=manifest)
-    for stale in sorted(old_names - {f.name for f in files}):
-        (out_path / stale).unlink(missing_ok=True)
+    files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
+                    stale=[MANIFEST_NAME, *stale])  # fmt: skip
     return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
 
 
@@ -163,9 +164,13 @@ def _size(n: int) -> str:
 
 
 def _previous_outputs(out: Path) -> set[str]:
-    """Files an earlier conversion wrote here (from its manifest), to clear stale ones."""
+    """Files an earlier conversion wrote here (from its manifest), to clear stale ones.
+
+    An earlier output without a manifest leaves nothing to go on; the executor anyway only
+    removes plain names inside ``out``.
+    """
     try:
-        old = json.loads((out / MANIFEST_NAME).read_text())
-        return set(old.get("files", {}))
+        files = json.loads((out / MANIFEST_NAME).read_text()).get("files", {})
     except (OSError, ValueError, AttributeError):
         return set()
+    return {name for name in files if isinstance(name, str)} if isinstance(files, dict) else set()

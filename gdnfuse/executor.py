@@ -27,10 +27,11 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.plan import Extent, OutputFile, Plan
@@ -76,15 +77,17 @@ def execute(
     options: ExecuteOptions = ExecuteOptions(),
     progress: ProgressFn | None = None,
     before_last: Callable[[Sequence[FileResult]], Sequence[OutputFile]] | None = None,
+    stale: Iterable[str] = (),
 ) -> tuple[FileResult, ...]:
     """Write every file of ``plan`` under ``out_dir``; returns one result per file.
 
     ``before_last`` may return more files (a manifest of the results so far); they are
-    written after the bulk and before the plan's ``last`` files.
+    written after the bulk and before the plan's ``last`` files. ``stale``: files of an
+    earlier output that ``overwrite`` removes (after unmarking completion, before writing).
     """
     out = Path(out_dir)
-    fingerprint = plan.fingerprint()
-    done = _prepare(out, plan, fingerprint, options)
+    head = journal_head(plan, options)
+    done = _prepare(out, plan, head, options, stale)
     journal = open(out / JOURNAL_NAME, "a")  # noqa: SIM115 - kept open for the whole run
     lock = threading.Lock()
     cancel = threading.Event()
@@ -116,17 +119,23 @@ def execute(
     return tuple(sorted(results, key=lambda r: order.get(r.name, len(order))))
 
 
-def finished_files(out: Path, fingerprint: str) -> dict[str, dict]:
+def journal_head(plan: Plan, options: ExecuteOptions) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the plan (every output byte)
+    and the options that decide how files are made (linked or copied, hashed or not)."""
+    return {"fingerprint": plan.fingerprint(), "link": options.link, "checksum": options.checksum}
+
+
+def finished_files(out: Path, expected_head: Mapping[str, Any]) -> dict[str, dict]:
     """Files an interrupted run with this plan finished (journal entries whose file exists).
 
-    Raises when the journal belongs to another plan: resuming it would mix two outputs.
+    Raises when the journal belongs to another plan or options: resuming would mix outputs.
     """
     lines = (out / JOURNAL_NAME).read_text().splitlines()
     try:
         head = json.loads(lines[0]) if lines else {}
     except ValueError:
         head = {}
-    if head.get("fingerprint") != fingerprint:
+    if head != dict(expected_head):
         raise GdnfuseError(
             "--resume with different options or inputs than the interrupted run; "
             "rerun with the same options, or use --overwrite to start again",
@@ -143,13 +152,15 @@ def finished_files(out: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
-def _prepare(out: Path, plan: Plan, fingerprint: str, options: ExecuteOptions) -> dict[str, dict]:
+def _prepare(
+    out: Path, plan: Plan, head: Mapping[str, Any], options: ExecuteOptions, stale: Iterable[str]
+) -> dict[str, dict]:
     """Check the output directory against the options; returns files already done."""
     journal = out / JOURNAL_NAME
     if out.exists() and not out.is_dir():
         raise GdnfuseError("output exists and is not a directory", path=str(out))
     if options.resume and journal.is_file():
-        done = finished_files(out, fingerprint)
+        done = finished_files(out, head)
         _remove_temporaries(out)
         return done
     if out.is_dir() and any(out.iterdir()):
@@ -166,17 +177,36 @@ def _prepare(out: Path, plan: Plan, fingerprint: str, options: ExecuteOptions) -
                 path=str(out),
             )
         # Unmark completion first: from here on the directory must not look finished.
-        for f in plan.files:
-            if f.last:
-                (out / f.name).unlink(missing_ok=True)
+        for name in [*(f.name for f in plan.files if f.last), *stale]:
+            _remove_old(out, name)
         _remove_temporaries(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        journal.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+        journal.write_text(json.dumps(dict(head)) + "\n")
     except OSError as e:
         journal.unlink(missing_ok=True)
         raise _write_error(e, journal) from None
     return {}
+
+
+def _remove_old(out: Path, name: str) -> None:
+    """Remove a file of an earlier output; never anything outside ``out``, never a folder."""
+    rel = Path(name)
+    path = out / rel
+    if (
+        rel.is_absolute()
+        or ".." in rel.parts
+        or not path.parent.resolve().is_relative_to(out.resolve())
+    ):
+        return  # a manifest naming files elsewhere is not ours to act on
+    if path.is_dir() and not path.is_symlink():
+        raise GdnfuseError(
+            "a directory is where the output needs a file; remove it", path=str(path)
+        )
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise _write_error(e, path) from None
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -212,11 +242,11 @@ def _write_file(
     f: OutputFile, out: Path, options: ExecuteOptions, report: ProgressFn, cancel: threading.Event
 ) -> FileResult:
     final = out / f.name
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(final)
-    tmp.unlink(missing_ok=True)  # a stale temporary may be a hard link: never reuse it
     linked = False
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a stale temporary may be a hard link: never reuse it
         if options.link and f.whole_source is not None:
             linked = _try_link(f.whole_source, tmp)
         if linked:
@@ -225,6 +255,9 @@ def _write_file(
             _assemble(f, tmp, options.fsync, report, cancel)
         digest = _sha256(tmp) if options.checksum else None
         os.replace(tmp, final)
+        # rename(2) does nothing when both names are links to one inode (re-linking over an
+        # earlier link): drop the temporary name, which removes no data.
+        tmp.unlink(missing_ok=True)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
@@ -244,8 +277,8 @@ def _write_error(e: OSError, path: Path) -> GdnfuseError:
 
 
 def _try_link(source: str, tmp: Path) -> bool:
-    try:
-        os.link(source, tmp)
+    try:  # link(2) links a symlink itself (Hub snapshots are symlinks): link its target
+        os.link(os.path.realpath(source), tmp)
     except OSError as e:  # another filesystem, or links not allowed: copy instead
         if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             return False

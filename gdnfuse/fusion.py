@@ -43,6 +43,7 @@ class ConversionPlan:
     record: Mapping[str, Any]
     side_files: tuple[str, ...] = field(default=())
     arch: Mapping[str, Any] | None = None  # what --arch re-labelling did (Relabel.summary)
+    ignored: tuple[str, ...] = ()  # *.safetensors not named by the index: left out
 
     @property
     def layers(self) -> int:
@@ -80,6 +81,7 @@ class ConversionPlan:
             "bytes_total": self.plan.total_bytes,
             "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
             **({"arch": dict(self.arch)} if self.arch else {}),
+            **({"ignored_files": list(self.ignored)} if self.ignored else {}),
         }
 
 
@@ -193,8 +195,7 @@ def plan_conversion(
 
     side = [f for f in ckpt.side_files if f != CONFIG_NAME]
     files += [
-        OutputFile(f, extents=(Extent(str(ckpt.root / f), 0, (ckpt.root / f).stat().st_size),))
-        for f in side
+        OutputFile(f, extents=(Extent(str(ckpt.root / f), 0, ckpt.side_files[f]),)) for f in side
     ]
     config = dict(relabel.config if relabel else ckpt.config)
     if model.quantization is not None:
@@ -208,7 +209,7 @@ def plan_conversion(
     files.append(OutputFile(INDEX_NAME, _index_bytes(index), last=True))
     return ConversionPlan(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
-        record, tuple(side), relabel.summary if relabel else None,
+        record, tuple(side), relabel.summary if relabel else None, ckpt.ignored,
     )  # fmt: skip
 
 

@@ -24,6 +24,10 @@ FAMILIES: dict[str, str] = {
 }
 """Supported ``model_type`` values and where their decoder layers live."""
 
+OUTPUT_FAMILIES: dict[str, str] = {**FAMILIES, "qwen3_next": "model."}
+"""What a converted checkpoint may declare: ``--arch qwen3-next`` writes ``qwen3_next``.
+Only ``gdnfuse verify`` reads these; conversion accepts :data:`FAMILIES` alone."""
+
 SPLIT_SUFFIXES: dict[str, str] = {
     "qkv": "in_proj_qkv",
     "z": "in_proj_z",
@@ -49,27 +53,37 @@ class ModelInfo:
 
     @property
     def layer_prefix(self) -> str:
-        return FAMILIES[self.model_type]
+        return OUTPUT_FAMILIES[self.model_type]
 
 
-def describe_config(config: Mapping[str, Any], path: str = "config.json") -> ModelInfo:
-    """Detect the family and read the GDN dims (from ``text_config`` or the top level)."""
+def describe_config(
+    config: Mapping[str, Any],
+    path: str = "config.json",
+    *,
+    families: Mapping[str, str] = FAMILIES,
+) -> ModelInfo:
+    """Detect the family and read the GDN dims (from ``text_config`` or the top level).
+
+    ``families``: the accepted ``model_type`` values (verify passes :data:`OUTPUT_FAMILIES`).
+    """
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in families:
         arch = config.get("architectures")
         raise GdnfuseError(
             f"model_type {model_type!r} (architectures {arch}) is not a Qwen3.5 model; "
-            f"supported: {', '.join(FAMILIES)}",
+            f"supported: {', '.join(families)}",
             path=path,
         )
+    # Like transformers: a text_config, when present, holds the language model's dims.
     text = config.get("text_config")
-    key = "text_config" if isinstance(text, Mapping) and "linear_num_key_heads" in text else None
+    key = "text_config" if isinstance(text, Mapping) else None
     fields = text if key else config
+    where = f"{path} ({key})" if key else path
     names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
              "linear_value_head_dim", "hidden_size")  # fmt: skip
     missing = [n for n in names if not isinstance(fields.get(n), int)]
     if missing:
-        raise GdnfuseError(f"config lacks integer {', '.join(missing)}", path=path)
+        raise GdnfuseError(f"config lacks integer {', '.join(missing)}", path=where)
     try:
         dims = GdnDims(
             nk=fields["linear_num_key_heads"],
@@ -199,4 +213,4 @@ def _check_weight_shapes(group: GdnGroup, model: ModelInfo) -> None:
 
 def natural_key(s: str) -> list[Any]:
     """Sort key that puts layers.10 after layers.9."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    return [int(t) if t.isascii() and t.isdigit() else t for t in re.split(r"([0-9]+)", s)]

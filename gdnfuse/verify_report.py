@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 MAX_FAILURES_PER_CHECK = 20
 """Failures kept per check name; the rest are counted in one closing line."""
@@ -95,20 +96,22 @@ class VerifyReport:
         return tuple(c for c in self.checks if not c.ok)
 
     def table(self) -> Table:
+        # Text, not markup: paths and tensor names may contain [brackets].
         verdict = (
-            "[bold green]PASSED[/]"
+            Text("PASSED", "bold green")
             if self.ok
-            else (f"[bold red]FAILED[/] ({len(self.failures)} failures)")
+            else Text(f"FAILED ({len(self.failures)} failures)", "bold red")
         )
         against = f" --against {self.against}" if self.against else ""
-        table = Table(title=f"gdnfuse verify {self.checkpoint}{against}: {verdict}")
+        table = Table(title=Text.assemble(f"gdnfuse verify {self.checkpoint}{against}: ", verdict))
         table.add_column("check", no_wrap=True)
         table.add_column("result", no_wrap=True)
         table.add_column("where", overflow="fold")
         table.add_column("detail", overflow="fold")
-        style = {"PASS": "[green]PASS[/]", "FAIL": "[bold red]FAIL[/]", "SKIP": "[yellow]SKIP[/]"}
+        style = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
         for c in self.checks:
-            table.add_row(c.name, style[c.status], c.where, c.detail)
+            table.add_row(Text(c.name), Text(c.status, style[c.status]), Text(c.where),
+                          Text(c.detail))  # fmt: skip
         return table
 
     def to_json(self) -> dict[str, Any]:
