@@ -6,6 +6,9 @@ source tensor. Every other tensor, and every side file, must be byte-identical. 
 compared in bounded chunks with ``os.pread``, so memory stays constant whatever the size of
 the checkpoint, and nothing is decoded (any dtype, FP8 scales included). A failure names the
 fused tensor, the source tensor and the rows; when the bytes match another layout, it says so.
+
+A ``--arch qwen3-next`` output is compared under the renaming, expert split and vision-tower
+drop that :mod:`gdnfuse.verify_arch` rebuilds from the source's headers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY
@@ -23,6 +27,15 @@ from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, v
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
 from gdnfuse.quant import group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import DTYPE_BYTES
+from gdnfuse.verify_arch import (
+    Expected,
+    Names,
+    Source,
+    check_arch_config,
+    dropped_result,
+    expected_tensors,
+    names_for,
+)
 from gdnfuse.verify_report import CheckResult, failed, outcome
 from gdnfuse.verify_structure import FusedCheckpoint
 
@@ -99,12 +112,21 @@ def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
             "has no split GDN projections: --against must be the unconverted source",
             path=str(src.root),
         )
+    names = names_for(ck, model)
+    consumed = frozenset(ref.info.name for g in groups for ref in g.parts.values())
+    expected = expected_tensors(names, src.tensors, consumed)
+    config = (
+        check_arch_config(ck, src, model, expected)
+        if names.relabelled
+        else _config(ck, src, model.quantization is not None)
+    )
     with Reader() as reader:
         return [
-            *_config(ck, src, model.quantization is not None),
+            *config,
             *_side_files(ck, src, reader),
-            *_fused(ck, src, groups, model, reader),
-            *_others(ck, src, groups, reader),
+            *_fused(ck, src, groups, model, names, reader),
+            *_others(ck, src, groups, names, expected, reader),
+            *([dropped_result(expected)] if names.relabelled else []),
         ]
 
 
@@ -197,7 +219,12 @@ def _alternatives(dims: GdnDims, fused: str, layout: Layout, tp: int) -> list[tu
 
 
 def _fused(
-    ck: FusedCheckpoint, src: Checkpoint, groups: Sequence[GdnGroup], model: Any, reader: Reader
+    ck: FusedCheckpoint,
+    src: Checkpoint,
+    groups: Sequence[GdnGroup],
+    model: Any,
+    names: Names,
+    reader: Reader,
 ) -> list[CheckResult]:
     name = "exact.fused"
     if ck.record is None:
@@ -207,13 +234,14 @@ def _fused(
     fails: list[CheckResult] = []
     nbytes = 0
     for g in groups:
-        out = tensors.get(g.name)
+        out_name = names.to_output(g.name)
+        out = tensors.get(out_name)
         if out is None:
             fails.append(
                 failed(
                     name,
                     "fused tensor missing from the output (or in a shard whose header is invalid)",
-                    tensor=g.name,
+                    tensor=out_name,
                 )
             )
             continue
@@ -226,7 +254,7 @@ def _fused(
                     name,
                     f"is {out.info.dtype}{list(out.info.shape)}, its sources "
                     f"make {first.dtype}{list(want)}",
-                    tensor=g.name,
+                    tensor=out_name,
                     file=out.file,
                 )
             )
@@ -257,7 +285,7 @@ def _fused(
                     + (f", tp {match[1]}" if match[0] is Layout.TP_BLOCKED else "")
                     + ": the layout record is wrong"
                 )
-        fails.append(failed(name, detail, tensor=g.name, file=out.file))
+        fails.append(failed(name, detail, tensor=out_name, file=out.file))
     return outcome(
         name,
         fails,
@@ -267,60 +295,94 @@ def _fused(
 
 
 def _others(
-    ck: FusedCheckpoint, src: Checkpoint, groups: Sequence[GdnGroup], reader: Reader
+    ck: FusedCheckpoint,
+    src: Checkpoint,
+    groups: Sequence[GdnGroup],
+    names: Names,
+    expected: Expected,
+    reader: Reader,
 ) -> list[CheckResult]:
     name = "exact.tensors"
-    fused = {g.name for g in groups}
-    consumed = {ref.info.name for g in groups for ref in g.parts.values()}
+    fused = {names.to_output(g.name) for g in groups}
     ours, theirs = ck.tensors, src.tensors
     fails: list[CheckResult] = []
     count = nbytes = 0
     for tensor, out in ours.items():
         if tensor in fused:
             continue
-        ref = theirs.get(tensor)
-        if ref is None:
+        want = expected.tensors.get(tensor)
+        if want is None:
             fails.append(failed(name, "not in the source checkpoint", tensor=tensor, file=out.file))
             continue
+        ref = theirs[want.tensor]
         a, b = out.info, ref.info
-        if (a.dtype, a.shape) != (b.dtype, b.shape):
+        label = (
+            f"{want.tensor} {want.what}".rstrip() if names.relabelled or want.what else "the source"
+        )
+        if (a.dtype, a.shape) != (b.dtype, want.shape):
             fails.append(
                 failed(
                     name,
-                    f"is {a.dtype}{list(a.shape)}, the source's is {b.dtype}{list(b.shape)}",
+                    f"is {a.dtype}{list(a.shape)}, {label} is {b.dtype}{list(want.shape)}",
                     tensor=tensor,
                     file=out.file,
                 )
             )
             continue
-        d = first_difference(
-            reader, _start(ck.root, ck.shards, out), _start(src.root, src.shards, ref), a.nbytes
-        )
+        d = _differs(ck, src, out, want, reader)
         if d is not None:
-            fails.append(
-                failed(
-                    name,
-                    f"differs from the source ({ref.file}) at byte {d} of "
-                    f"{a.nbytes} (element {d // DTYPE_BYTES[a.dtype]})",
-                    tensor=tensor,
-                    file=out.file,
-                )
+            detail = (
+                f"differs from {label} ({ref.file}) at byte {d} of "
+                f"{a.nbytes} (element {d // DTYPE_BYTES[a.dtype]})"
             )
+            sib = want.sibling
+            if sib is not None and sib[0] in theirs:
+                other = Source(sib[0], sib[1], want.length, want.shape, sib[2])
+                if _differs(ck, src, out, other, reader) is None:
+                    detail += (
+                        f"; its bytes are {sib[0]} {sib[2]}".rstrip() + ": gate and up swapped"
+                    )
+            fails.append(failed(name, detail, tensor=tensor, file=out.file))
             continue
         count += 1
         nbytes += a.nbytes
     unreadable = (
         f" (shards with invalid headers: {', '.join(ck.unreadable)})" if ck.unreadable else ""
     )
-    for tensor, ref in theirs.items():
-        if tensor not in consumed and tensor not in ours:
-            fails.append(
-                failed(
-                    name,
-                    f"source tensor (from {ref.file}) missing from the output" + unreadable,
-                    tensor=tensor,
-                )
+    for tensor in sorted(expected.required - ours.keys()):
+        want = expected.tensors[tensor]
+        source = f"{want.tensor} {want.what}".rstrip()
+        fails.append(
+            failed(
+                name,
+                f"missing from the output (source: {source}, from "
+                f"{theirs[want.tensor].file})" + unreadable,
+                tensor=tensor,
             )
+        )
+    how = ""
+    if names.relabelled:
+        renamed = (
+            "decoder names kept"
+            if names.source_prefix == "model."
+            else f"{names.source_prefix}* -> model.*"
+        )
+        how = (
+            f" under the {TARGET_MODEL_TYPE} names ({renamed}; "
+            f"{expected.split_experts} fused expert tensors cut per expert)"
+        )
     return outcome(
-        name, fails, f"{count} other tensors byte-identical to the source ({nbytes:,} bytes)"
+        name,
+        fails,
+        f"{count} other tensors byte-identical to the source{how} ({nbytes:,} bytes)",
+    )
+
+
+def _differs(
+    ck: FusedCheckpoint, src: Checkpoint, out: TensorRef, want: Source, reader: Reader
+) -> int | None:
+    """First differing byte of ``out`` and its expected source bytes, else None."""
+    path, start = _start(src.root, src.shards, src.tensors[want.tensor])
+    return first_difference(
+        reader, _start(ck.root, ck.shards, out), (path, start + want.offset), want.length
     )

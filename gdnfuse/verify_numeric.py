@@ -10,7 +10,9 @@ record's layout cannot serve, a split that disagrees with the consumer's, and no
 weights; a head moved before fusion, or a wrong but self-consistent record, needs the source.
 
 Only the tensors of one layer are loaded at a time (FP8 weights dequantized by their block
-scales in float64), so memory is bounded by the largest layer.
+scales in float64), so memory is bounded by the largest layer. A ``--arch qwen3-next`` output's
+layers are read under their Qwen3-Next names and the source's under its own
+(:class:`gdnfuse.verify_arch.Names`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import Layout
 from gdnfuse.model import TensorRef, describe_config
 from gdnfuse.reference.naive import GdnWeights, fused_forward, resplit, split_forward
+from gdnfuse.verify_arch import Names, names_for
 from gdnfuse.verify_report import CheckResult, failed, outcome, passed
 from gdnfuse.verify_structure import FusedCheckpoint
 
@@ -103,7 +106,10 @@ def _block(quant: Mapping[str, object] | None) -> tuple[int, int] | None:
 
 def _eps(ck: FusedCheckpoint) -> float:
     text = ck.config.get("text_config") if ck.model.text_config_key else ck.config
-    return float((text or {}).get("rms_norm_eps", 1e-6))
+    eps = (text or {}).get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise GdnfuseError(f"rms_norm_eps {eps!r} is not a positive number", path="config.json")
+    return float(eps)
 
 
 def _weights(load: Loader, prefix: str, eps: float) -> GdnWeights:
@@ -170,9 +176,11 @@ def check_numeric(
     src_seen: dict[str, Tensor] = {}
     load_out = _loader(ck.root, ck.tensors, _block(ck.model.quantization), device, out_seen)
     load_src = None
+    names = Names(None)
     if src is not None:
-        quant = describe_config(src.config, str(src.root / CONFIG_NAME)).quantization
-        load_src = _loader(src.root, src.tensors, _block(quant), device, src_seen)
+        src_model = describe_config(src.config, str(src.root / CONFIG_NAME))
+        names = names_for(ck, src_model)
+        load_src = _loader(src.root, src.tensors, _block(src_model.quantization), device, src_seen)
     fails: list[CheckResult] = []
     worst = 0.0
     for prefix in layers:
@@ -183,10 +191,11 @@ def check_numeric(
             qkvz, ba = load_out(qkvz_name), load_out(f"{prefix}in_proj_ba.weight")
             w_out = _weights(load_out, prefix, eps)
             if load_src is not None:
+                src_prefix = names.to_source(prefix)
                 split = tuple(
-                    load_src(f"{prefix}in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")
+                    load_src(f"{src_prefix}in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")
                 )
-                w_ref = _weights(load_src, prefix, eps)
+                w_ref = _weights(load_src, src_prefix, eps)
             else:
                 split, w_ref = resplit(qkvz, ba, dims, layout, rec_tp), w_out
             gen = torch.Generator().manual_seed(SEED)

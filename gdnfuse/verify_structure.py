@@ -20,13 +20,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE, VISUAL_PREFIX
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files
 from gdnfuse.convert import MANIFEST_NAME
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import JOURNAL_NAME
 from gdnfuse.fusion import RECORD_FORMAT, RECORD_KEY
 from gdnfuse.layout import BA, QKVZ, GdnDims, Layout, valid_tp
-from gdnfuse.model import ModelInfo, TensorRef, describe_config, is_split_gdn_key, natural_key
+from gdnfuse.model import (
+    OUTPUT_FAMILIES,
+    ModelInfo,
+    TensorRef,
+    describe_config,
+    is_split_gdn_key,
+    natural_key,
+)
 from gdnfuse.quant import block_rows
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
 from gdnfuse.verify_report import CheckResult, failed, outcome, skipped
@@ -34,6 +42,10 @@ from gdnfuse.verify_report import CheckResult, failed, outcome, skipped
 FUSED_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<fused>qkvz|ba)\.(?P<leaf>.+)$")
 CONV_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)conv1d\.weight$")
 LAYER_NUMBER = re.compile(r"layers\.(\d+)\.linear_attn\.$")
+EXPERT_KEY = re.compile(
+    r"^(?P<base>.*\.mlp\.experts\.)(?:\d+\.(?:gate|up|down)_proj\.|gate_up_proj$|down_proj$)"
+)
+FUSED_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,7 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
         raise GdnfuseError(f"cannot read config.json: {e}", path=str(config_path)) from None
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(config_path))
-    model = describe_config(config, str(config_path))
+    model = describe_config(config, str(config_path), families=OUTPUT_FAMILIES)
     names = tuple(f for f in list_files(root) if f.endswith(".safetensors"))
     if not names:
         raise GdnfuseError("no *.safetensors files: not a checkpoint", path=str(root))
@@ -150,6 +162,7 @@ def check_structure(ck: FusedCheckpoint) -> list[CheckResult]:
         *_split_keys(ck),
         *_fused_shapes(ck),
         *_record(ck),
+        *_arch(ck),
         *_manifest(ck),
     ]
 
@@ -272,7 +285,8 @@ def _index(ck: FusedCheckpoint) -> list[CheckResult]:
         fails,
         f"{len(weight_map)} tensors, each listed once and in the shard that holds it",
     )
-    total = (index.get("metadata") or {}).get("total_size") if isinstance(index, dict) else None
+    meta = index.get("metadata") if isinstance(index, dict) else None
+    total = meta.get("total_size") if isinstance(meta, dict) else None
     actual = sum(t.nbytes for h in ck.shards.values() for t in h.tensors)
     if ck.unreadable:
         results.append(
@@ -403,6 +417,113 @@ def _record(ck: FusedCheckpoint) -> list[CheckResult]:
         f"layout {ck.record.layout}, tp {ck.record.tp}; the {rewritten} rewritten "
         "shards' __metadata__ agree",
     )
+
+
+def _arch(ck: FusedCheckpoint) -> list[CheckResult]:
+    """A ``qwen3_next`` output (``--arch qwen3-next``) says so in its record, holds only
+    Qwen3-Next names, and has every expert of every MoE layer as the loaders want it."""
+    name = "structure.arch"
+    relabelled = ck.model.model_type == TARGET_MODEL_TYPE
+    arch = ck.raw_record.get("arch") if isinstance(ck.raw_record, Mapping) else None
+    if not relabelled and arch is None:
+        return []
+    fails: list[CheckResult] = []
+    if not relabelled:
+        fails.append(
+            failed(
+                name,
+                f"the record has an arch entry ({arch!r:.80}) but model_type is "
+                f"{ck.model.model_type}, not {TARGET_MODEL_TYPE}",
+                file=CONFIG_NAME,
+            )
+        )
+    elif ck.record is not None and not isinstance(arch, Mapping):
+        fails.append(
+            failed(
+                name,
+                f'model_type is {TARGET_MODEL_TYPE} but the "{RECORD_KEY}" record has no arch '
+                "entry (what was relabelled, what was dropped)",
+                file=CONFIG_NAME,
+            )
+        )
+    if isinstance(arch, Mapping) and arch.get("target") != TARGET_MODEL_TYPE:
+        fails.append(
+            failed(name, f"record arch.target is {arch.get('target')!r}", file=CONFIG_NAME)
+        )
+    if relabelled:
+        if TARGET_ARCHITECTURE not in (ck.config.get("architectures") or []):
+            fails.append(
+                failed(
+                    name,
+                    f"architectures {ck.config.get('architectures')!r} lacks {TARGET_ARCHITECTURE}",
+                    file=CONFIG_NAME,
+                )
+            )
+        fails += _qwen3_next_names(ck)
+        fails += _experts(ck)
+    return outcome(
+        name,
+        fails,
+        f"{TARGET_MODEL_TYPE} output: record arch entry present, Qwen3-Next names only, "
+        "every expert of every MoE layer present with the config's shapes",
+    )
+
+
+def _qwen3_next_names(ck: FusedCheckpoint) -> list[CheckResult]:
+    fails = []
+    for tensor, ref in ck.tensors.items():
+        if tensor.startswith(("model.language_model.", VISUAL_PREFIX)):
+            why = "a Qwen3.5 name: Qwen3NextForCausalLM has no such module"
+        elif FUSED_EXPERT_KEY.search(tensor):
+            why = "fused experts: Qwen3-Next loaders read experts.N.{gate,up,down}_proj"
+        else:
+            continue
+        fails.append(failed("structure.arch", why, tensor=tensor, file=ref.file))
+    return fails
+
+
+def _experts(ck: FusedCheckpoint) -> list[CheckResult]:
+    """Every expert tensor the config implies exists with its shape (or the loader fails)."""
+    cfg = ck.config
+    experts, inter, hidden = (
+        cfg.get("num_experts"),
+        cfg.get("moe_intermediate_size"),
+        ck.model.hidden_size,
+    )
+    layers, dense = cfg.get("num_hidden_layers"), cfg.get("mlp_only_layers") or []
+    tensors = ck.tensors
+    bases = {m["base"] for t in tensors if (m := EXPERT_KEY.match(t))}
+    if not isinstance(experts, int) or experts <= 0:
+        return [
+            failed(
+                "structure.arch",
+                f"expert tensors under {base} but num_experts is {experts!r}",
+                file=CONFIG_NAME,
+            )
+            for base in sorted(bases, key=natural_key)
+        ]
+    if isinstance(layers, int):
+        bases |= {f"model.layers.{i}.mlp.experts." for i in range(layers) if i not in dense}
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    fails = []
+    for base in sorted(bases, key=natural_key):
+        for j in range(experts):
+            for part, shape in want.items():
+                tensor = f"{base}{j}.{part}_proj.weight"
+                ref = tensors.get(tensor)
+                if ref is None:
+                    why = f"missing: num_experts={experts} implies experts 0..{experts - 1}"
+                elif ref.info.shape != shape:
+                    why = (
+                        f"shape {list(ref.info.shape)}, the config implies {list(shape)} "
+                        f"(moe_intermediate_size={inter}, hidden_size={hidden})"
+                    )
+                else:
+                    continue
+                fails.append(
+                    failed("structure.arch", why, tensor=tensor, file=ref.file if ref else None)
+                )
+    return fails
 
 
 def _sha256(path: Path) -> str:

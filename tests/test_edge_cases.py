@@ -170,3 +170,19 @@ def test_unicode_digits_in_names_do_not_crash(tmp_path: Path) -> None:
 
     assert natural_key("layers.1²2.x") == ["layers.", 1, "²", 2, ".x"]
     assert sorted(["layers.10", "layers.9"], key=natural_key) == ["layers.9", "layers.10"]
+
+
+def test_verify_reports_malformed_output_without_traceback(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(src, out)
+    index = json.loads((out / INDEX_NAME).read_text())
+    index["metadata"] = [1]
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    p = cli("verify", str(out), "--against", str(src), "--no-numeric")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "structure.total_size" in p.stdout
+
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    assert "rms_norm_eps" in one_line_error(cli("verify", str(out)))
