@@ -107,6 +107,18 @@ class TensorRef(NamedTuple):
     info: TensorInfo
 
 
+def norm_eps(config: Mapping[str, Any], model: ModelInfo, path: str = "config.json") -> float:
+    """``rms_norm_eps`` of the language model (transformers' default 1e-6 when absent).
+
+    Only the numeric checks need it, so conversion never refuses a config over it.
+    """
+    fields = config.get(model.text_config_key) if model.text_config_key else config
+    eps = (fields or {}).get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise GdnfuseError(f"rms_norm_eps {eps!r} is not a positive number", path=path)
+    return float(eps)
+
+
 @dataclass(frozen=True)
 class GdnGroup:
     """The split sources of one fused tensor of one GDN layer, for one leaf.

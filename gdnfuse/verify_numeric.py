@@ -28,7 +28,7 @@ from torch import Tensor
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import Layout
-from gdnfuse.model import TensorRef, describe_config
+from gdnfuse.model import TensorRef, describe_config, norm_eps
 from gdnfuse.reference.naive import GdnWeights, fused_forward, resplit, split_forward
 from gdnfuse.verify_arch import Names, names_for
 from gdnfuse.verify_report import CheckResult, failed, outcome, passed
@@ -105,11 +105,7 @@ def _block(quant: Mapping[str, object] | None) -> tuple[int, int] | None:
 
 
 def _eps(ck: FusedCheckpoint) -> float:
-    text = ck.config.get("text_config") if ck.model.text_config_key else ck.config
-    eps = (text or {}).get("rms_norm_eps", 1e-6)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-        raise GdnfuseError(f"rms_norm_eps {eps!r} is not a positive number", path="config.json")
-    return float(eps)
+    return norm_eps(ck.config, ck.model, str(ck.root / "config.json"))
 
 
 def _weights(load: Loader, prefix: str, eps: float) -> GdnWeights:

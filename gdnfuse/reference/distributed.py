@@ -29,7 +29,7 @@ from gdnfuse.checkpoint import Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import GdnDims, Layout, check_tp
-from gdnfuse.model import describe_config, natural_key
+from gdnfuse.model import describe_config, natural_key, norm_eps
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
 
@@ -76,11 +76,10 @@ def describe_fused(ckpt: Checkpoint) -> FusedModel:
                 f"dtype {ref.info.dtype} is not supported by the GPU check (bf16/fp16/fp32 only)",
                 tensor=name,
             )
-    text = ckpt.config.get("text_config") if model.text_config_key else ckpt.config
     return FusedModel(
         root=str(ckpt.root), dims=model.dims, layout=Layout(record["layout"]),
         record_tp=int(record.get("tp", 1)), prefixes=tuple(sorted(prefixes, key=natural_key)),
-        files={n: r.file for n, r in tensors.items()}, eps=float(text.get("rms_norm_eps", 1e-6)),
+        files={n: r.file for n, r in tensors.items()}, eps=norm_eps(ckpt.config, model),
     )  # fmt: skip
 
 
