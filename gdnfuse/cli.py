@@ -70,6 +70,8 @@ def _errors():
         yield
     except GdnfuseError as e:
         raise _fail(e) from None
+    except KeyboardInterrupt:  # e.g. during a download, before anything was written
+        raise _fail("interrupted") from None
 
 
 def _human(n: float) -> str:
@@ -96,12 +98,16 @@ def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: s
              ) -> tuple[Path, dict[str, Any] | None]:  # fmt: skip
     """A local directory, or a Hub repo id fetched into the Hugging Face cache (``out``: check
     before downloading that the download plus the output fit on disk)."""
-    if Path(source).is_dir() or not _looks_like_repo(source):
+    if not _is_hub_source(source):
         return Path(source), None
     from gdnfuse import hub
 
     return hub.fetch(source, revision=revision, cache_dir=cache_dir, token=token,
                      headers_only=headers_only, out=out)  # fmt: skip
+
+
+def _is_hub_source(source: str) -> bool:
+    return not Path(source).is_dir() and _looks_like_repo(source)
 
 
 def _looks_like_repo(source: str) -> bool:
@@ -188,6 +194,15 @@ def convert(
     revision: RevisionOpt = None,
     cache_dir: CacheOpt = None,
     token: TokenOpt = None,
+    overlap: Annotated[
+        bool,
+        typer.Option(
+            "--overlap",
+            help="Hub repo id SOURCE: plan from the headers, then write each output file as "
+            "soon as its shards are downloaded (same cache, same output) instead of after the "
+            "whole download.",
+        ),
+    ] = False,
 ) -> None:
     """Convert a Qwen3.5 checkpoint into one with fused in_proj_qkvz / in_proj_ba.
 
@@ -201,8 +216,16 @@ def convert(
     with _errors():
         if overwrite and resume:
             raise GdnfuseError("--overwrite and --resume exclude each other")
-        path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run,
-                                out=None if dry_run else out_dir)  # fmt: skip
+        fetch = None
+        if overlap and not dry_run and _is_hub_source(source):
+            from gdnfuse import hub
+
+            path, record, fetch = hub.fetch_overlapped(source, revision=revision,
+                                                       cache_dir=cache_dir, token=token,
+                                                       out=out_dir)  # fmt: skip
+        else:
+            path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run,
+                                    out=None if dry_run else out_dir)  # fmt: skip
         if dry_run:
             cplan = plan_source(path, layout, tp, record, arch)
             if json_out:
@@ -225,6 +248,7 @@ def convert(
                 result = run_convert(
                     path, out_dir, layout=layout, tp=tp, options=options,
                     progress=advance, on_plan=on_plan, record_source=record, arch=arch,
+                    fetch=fetch,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 raise GdnfuseError(

@@ -11,12 +11,13 @@ import gc
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import open_checkpoint
@@ -32,7 +33,7 @@ from gdnfuse.executor import (
 )
 from gdnfuse.fusion import ConversionPlan, plan_conversion
 from gdnfuse.layout import Layout
-from gdnfuse.plan import OutputFile
+from gdnfuse.plan import Extent, OutputFile, Plan
 
 MANIFEST_NAME = "gdnfuse-manifest.json"
 
@@ -63,6 +64,44 @@ class ConvertResult:
             throughput_mb_s=round(self.bytes_written / max(self.seconds, 1e-9) / 1e6, 1),
         )
         return s
+
+
+class SourceFetch(Protocol):
+    """Source files still arriving under ``root`` while the conversion runs (``--overlap``).
+
+    The plan is made from stand-ins elsewhere (same names, sizes and headers) and pointed at
+    ``root``; ``start`` begins fetching in the order that plan reads, ``wait_for`` is the
+    executor's hook, ``finish`` waits for every file (raising the first failure) and ``stop``
+    abandons what has not arrived.
+    """
+
+    root: Path
+
+    def start(self, plan: Plan) -> None: ...
+    def wait_for(self, path: str, cancel: threading.Event) -> None: ...
+    def finish(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def relocate(cplan: ConversionPlan, old: Path, new: Path) -> ConversionPlan:
+    """The same plan reading its sources under ``new`` instead of ``old``: every byte and the
+    fingerprint are those of a plan made from ``new`` itself, as paths are ``root / name``."""
+    prefix = str(old)
+
+    def moved(path: str | None) -> str | None:
+        if path is None:
+            return None
+        rel = os.path.relpath(path, prefix)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise GdnfuseError("plan reads a file outside the source", path=path)
+        return str(new / rel)
+
+    files = tuple(
+        replace(f, whole_source=moved(f.whole_source),
+                extents=tuple(Extent(moved(e.source), e.offset, e.length) for e in f.extents))
+        for f in cplan.plan.files
+    )  # fmt: skip
+    return replace(cplan, plan=Plan(files))
 
 
 def plan_source(
@@ -103,15 +142,21 @@ def convert(
     on_plan: Callable[[ConversionPlan], None] | None = None,
     record_source: Mapping[str, Any] | None = None,
     arch: Arch | str = Arch.QWEN3_5,
+    fetch: SourceFetch | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in directory ``source`` into ``out``.
 
-    ``on_plan`` sees the plan before any byte is written (to size a progress bar).
+    ``on_plan`` sees the plan before any byte is written (to size a progress bar). With
+    ``fetch``, ``source`` holds stand-ins (headers, sizes) and the bytes are read from
+    ``fetch.root`` as they arrive; the output and manifest are those of converting
+    ``fetch.root`` once it is complete.
     """
     started = time.perf_counter()
     cplan = plan_source(source, Layout(layout), tp, record_source, arch)
+    if fetch is not None:
+        cplan = relocate(cplan, Path(source), fetch.root)
     out_path = Path(out)
-    check_destination(Path(source), out_path)
+    check_destination(fetch.root if fetch else Path(source), out_path)
     new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
     stale = sorted(_previous_outputs(out_path) - new_names) if options.overwrite else []
     skip = set(cplan.untouched) if options.link else set()
@@ -122,6 +167,8 @@ def convert(
         on_plan(cplan)
 
     def manifest(results: Sequence[FileResult]) -> list[OutputFile]:
+        if fetch is not None:  # the source is complete before the output looks complete
+            fetch.finish()
         body = {
             "format": 1,
             "record": cplan.record,
@@ -130,8 +177,16 @@ def convert(
         }
         return [OutputFile(MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())]
 
-    files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
-                    stale=[MANIFEST_NAME, *stale])  # fmt: skip
+    if fetch is not None:
+        fetch.start(cplan.plan)
+    try:
+        files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
+                        stale=[MANIFEST_NAME, *stale],
+                        wait_for=fetch.wait_for if fetch else None)  # fmt: skip
+    except BaseException:
+        if fetch is not None:
+            fetch.stop()
+        raise
     return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
 
 

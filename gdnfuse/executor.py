@@ -42,6 +42,9 @@ CHUNK = 64 << 20  # bytes per copy call: bounds latency of progress and cancella
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 ProgressFn = Callable[[int], None]
+# Blocks until source ``path`` is complete on disk (e.g. still downloading); returns early
+# once the event is set (the run is stopping); raises when the source will never arrive.
+WaitFn = Callable[[str, threading.Event], None]
 
 
 class Cancelled(Exception):
@@ -78,12 +81,15 @@ def execute(
     progress: ProgressFn | None = None,
     before_last: Callable[[Sequence[FileResult]], Sequence[OutputFile]] | None = None,
     stale: Iterable[str] = (),
+    wait_for: WaitFn | None = None,
 ) -> tuple[FileResult, ...]:
     """Write every file of ``plan`` under ``out_dir``; returns one result per file.
 
     ``before_last`` may return more files (a manifest of the results so far); they are
     written after the bulk and before the plan's ``last`` files. ``stale``: files of an
     earlier output that ``overwrite`` removes (after unmarking completion, before writing).
+    ``wait_for``: called for each source of a file before that file is begun, so a file
+    can be written as soon as its own sources exist (sources still arriving).
     """
     out = Path(out_dir)
     head = journal_head(plan, options)
@@ -98,6 +104,12 @@ def execute(
             report(f.size)
             return FileResult(f.name, f.size, done[f.name].get("linked", False), True,
                               done[f.name].get("sha256"))  # fmt: skip
+        if wait_for is not None:
+            for source in dict.fromkeys([f.whole_source, *(e.source for e in f.extents)]):
+                if source is not None:
+                    wait_for(source, cancel)
+                if cancel.is_set():
+                    raise Cancelled()
         result = _write_file(f, out, options, report, cancel)
         with lock:
             try:

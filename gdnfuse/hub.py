@@ -6,7 +6,9 @@ revision is resolved to a commit sha once, and every file is then fetched at tha
 branch that moves mid-download cannot mix two commits. ``headers_only`` (``inspect``,
 ``convert --dry-run``) fetches config.json, the index and each shard's header through HTTP
 range reads into a directory of sparse stubs, so the unchanged planner can show the plan for
-an 800 GB model before a byte of weights is downloaded.
+an 800 GB model before a byte of weights is downloaded. ``fetch_overlapped``
+(``convert --overlap``) plans from those stubs and then downloads into the same cache while
+the executor writes each output file as soon as its sources have arrived.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import atexit
 import re
 import shutil
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, SKIPPED_DIRS, SKIPPED_SUFFIXES
 from gdnfuse.errors import GdnfuseError
+from gdnfuse.plan import Plan
 from gdnfuse.safetensors_file import MAX_HEADER_BYTES
 
 # What a conversion needs: weights, index, configs (incl. generation config), tokenizer and
@@ -39,6 +44,7 @@ IGNORE_PATTERNS = (
 )
 TOKEN_HINT = "pass a token with --token, the HF_TOKEN environment variable or `hf auth login`"
 FIRST_READ = 16 << 10  # one range read covers most headers; bigger ones take a second
+PARALLEL_DOWNLOADS = 4  # files in flight with --overlap (each hf_hub_download is one stream)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -102,6 +108,183 @@ def fetch(
             allow_patterns=list(ALLOW_PATTERNS), ignore_patterns=list(IGNORE_PATTERNS),
         )  # fmt: skip
     return Path(path), pinned.record()
+
+
+def fetch_overlapped(
+    source: str,
+    *,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    token: str | None = None,
+    out: Path,
+    parallel: int = PARALLEL_DOWNLOADS,
+) -> tuple[Path, dict[str, Any], Downloads | None]:
+    """Like :func:`fetch`, but returns at once with a directory of stubs to plan from and the
+    :class:`Downloads` that will fill the cache's snapshot while the conversion runs.
+
+    Nothing to overlap (offline, or everything already cached): the snapshot and ``None``,
+    exactly what :func:`fetch` gives. Disk space is checked first, as :func:`fetch` does.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.is_offline_mode():
+        path, record = fetch(source, revision=revision, cache_dir=cache_dir, token=token, out=out)
+        return path, record, None
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    requested = revision or constants.DEFAULT_REVISION
+    with _hub_errors(source, requested, cache):
+        resolved = HfApi(token=token).resolve_revision(source, revision=revision, cache_dir=cache)
+        pinned = Pinned(source, resolved.resolved, requested)
+        _cache_tree(pinned, cache, token)
+        files = list_files(pinned, cache, token)
+        missing = missing_bytes(pinned, files, cache)
+        if missing == 0:  # where snapshot_download would return without a request
+            return _snapshot_dir(pinned, cache), pinned.record(), None
+        check_disk_space(missing, sum(f.size for f in files), cache, out)
+        stub = fetch_headers(pinned, cache, token)
+    return stub, pinned.record(), Downloads(pinned, cache, token, files, parallel)
+
+
+class DownloadStopped(Exception):
+    """Raised inside a download thread to abandon its transfer (the run is stopping)."""
+
+
+class Downloads:
+    """The selection of a pinned repo, fetched with ``hf_hub_download`` into the Hugging Face
+    cache (same files, sha and layout as ``snapshot_download``), ``parallel`` at a time in the
+    order a plan first reads them; the executor waits per file (:meth:`wait_for`).
+
+    Fail-fast: the first failed download stops the rest and is raised to every waiter. A
+    stop abandons transfers at their next chunk (a rerun resumes their ``.incomplete``).
+    Threads are daemons, so Ctrl-C never waits for a transfer to finish.
+    """
+
+    def __init__(
+        self, pinned: Pinned, cache: Path, token: str | None, files: Iterable[RemoteFile],
+        parallel: int = PARALLEL_DOWNLOADS,
+    ) -> None:  # fmt: skip
+        self.root = _snapshot_dir(pinned, cache)
+        self._pinned, self._cache, self._token = pinned, cache, token
+        self._paths = {str(self.root / f.path): f.path for f in files}
+        self._futures: dict[str, Future[None]] = {p: Future() for p in self._paths}
+        self._parallel = max(1, parallel)
+        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self, plan: Plan) -> None:
+        """Begin downloading: what ``plan``'s first files read first, then the rest."""
+        needed = [p for p in read_order(plan) if p in self._paths]
+        self._queue.extend(dict.fromkeys([*needed, *self._paths]))
+        self._threads = [threading.Thread(target=self._work, name=f"gdnfuse-download-{i}",
+                                          daemon=True) for i in range(self._parallel)]  # fmt: skip
+        for t in self._threads:
+            t.start()
+
+    def wait_for(self, path: str, cancel: threading.Event | None = None) -> None:
+        """Block until ``path`` is in the cache; return early once ``cancel`` is set (and stop
+        the downloads); raise the first download failure. Paths not downloaded return at once."""
+        future = self._futures.get(path)
+        if future is None:
+            return
+        while not future.done():
+            if cancel is not None and cancel.is_set():
+                self.stop()
+                return
+            if self._error is not None:
+                raise self._error
+            wait([future], timeout=0.1)
+        if self._error is not None:
+            raise self._error
+        if future.exception() is not None and not (cancel is not None and cancel.is_set()):
+            raise GdnfuseError("downloads were stopped before this file arrived", path=path)
+
+    def finish(self) -> None:
+        """Wait for every file of the selection (a complete cache snapshot)."""
+        for path in self._paths:
+            self.wait_for(path)
+
+    def stop(self) -> None:
+        """Start no more transfers (queued files fail as stopped) and abandon running ones."""
+        self._stop.set()
+        with self._lock:
+            while self._queue:
+                self._futures[self._queue.popleft()].set_exception(DownloadStopped())
+
+    def _work(self) -> None:
+        from huggingface_hub import hf_hub_download
+
+        bar = _stoppable_bar(self._stop)
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._queue:
+                    return
+                path = self._queue.popleft()
+            try:
+                with _hub_errors(self._pinned.repo_id, self._pinned.requested, self._cache):
+                    hf_hub_download(self._pinned.repo_id, self._paths[path],
+                                    revision=self._pinned.sha, cache_dir=self._cache,
+                                    token=self._token, tqdm_class=bar)  # fmt: skip
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting threads
+                with self._lock:
+                    if self._error is None and not isinstance(e, DownloadStopped):
+                        self._error = e
+                self._futures[path].set_exception(e)
+                self.stop()
+            else:
+                self._futures[path].set_result(None)
+
+
+def read_order(plan: Plan) -> list[str]:
+    """Source paths in the order a run of ``plan`` first needs them: the executor starts its
+    files largest first (``executor._run_parallel``), then the ``last`` ones."""
+    files = [*sorted((f for f in plan.files if not f.last), key=lambda f: -f.size),
+             *(f for f in plan.files if f.last)]  # fmt: skip
+    order = (s for f in files for s in (f.whole_source, *(e.source for e in f.extents)))
+    return [s for s in dict.fromkeys(order) if s is not None]
+
+
+def _cache_tree(pinned: Pinned, cache: Path, token: str | None) -> None:
+    """Store the commit's file listing where ``snapshot_download`` stores it (``trees/<sha>.json``,
+    written before downloading, as it does), so the cache ``--overlap`` leaves is the one a
+    download-then-convert leaves: offline runs check completeness against it."""
+    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        get_cached_repo_tree(pinned.repo_id, revision=pinned.sha, cache_dir=cache)
+        return
+    except CachedRepoTreeNotFoundError:
+        pass
+    tree = HfApi(token=token).list_repo_tree(pinned.repo_id, revision=pinned.sha, recursive=True)
+    entries = {
+        f.path: TreeCacheEntry(size=f.size, blob_id=f.blob_id, xet_hash=f.xet_hash,
+                               lfs_sha256=f.lfs.sha256 if f.lfs else None,
+                               lfs_size=f.lfs.size if f.lfs else None)
+        for f in tree if isinstance(f, RepoFile)
+    }  # fmt: skip
+    write_tree_cache(str(_snapshot_dir(pinned, cache).parent.parent), pinned.sha, entries)
+
+
+def _stoppable_bar(stop: threading.Event) -> type:
+    """A silent tqdm for ``hf_hub_download`` (bars would garble the conversion's progress)
+    whose per-chunk update abandons the transfer once ``stop`` is set."""
+    from huggingface_hub.utils import tqdm
+
+    class StoppableBar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if stop.is_set():
+                raise DownloadStopped
+            return super().update(n)
+
+    return StoppableBar
 
 
 def list_files(pinned: Pinned, cache: Path, token: str | None = None) -> list[RemoteFile]:

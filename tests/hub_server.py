@@ -16,7 +16,9 @@ for a missing or private repo (as the Hub answers anonymous callers), 404 ``Revi
 granted token. Faults for tests: ``drop_once`` (cut a body after N bytes once), ``fail``
 (answer a file's body GETs with a status), ``range_mode`` (``honour``; ``ignore``, a 200 with
 the whole body as olah answers; ``short``, a 206 with half the bytes asked for and a
-Content-Range saying so). Every request is logged.
+Content-Range saying so), ``hold`` (a file's GETs without a Range wait for its event). For
+measurements, ``bandwidth`` (bytes/s) paces every body sent, all transfers sharing that one
+link as downloads share a real one. Every request is logged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,6 +95,9 @@ class FakeHub:
         self.drop_once: dict[str, int] = {}  # file path -> bytes to send before cutting
         self.fail: dict[str, int] = {}  # file path -> status for body GETs
         self.range_mode = "honour"
+        self.hold: dict[str, threading.Event] = {}  # file path -> released when set
+        self.bandwidth: float | None = None  # bytes/s shared by all bodies; None: unpaced
+        self._link_free = 0.0  # when the shared link has sent everything reserved so far
         self.hooks: list[Callable[[Request], None]] = []
         self.lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
@@ -115,6 +121,13 @@ class FakeHub:
         repo.refs[ref] = sha
         repo.gated, repo.private = gated or repo.gated, private or repo.private
         return sha
+
+    def reserve(self, n: int) -> float:
+        """When ``n`` more bytes will have gone out over the shared link (monotonic clock)."""
+        assert self.bandwidth
+        with self.lock:
+            self._link_free = max(time.monotonic(), self._link_free) + n / self.bandwidth
+            return self._link_free
 
     def requests(self, since: int = 0) -> list[Request]:
         with self.lock:
@@ -285,6 +298,8 @@ def _handler(hub: FakeHub, server: str) -> type[BaseHTTPRequestHandler]:
             if body and blob.path in hub.fail:
                 self._error(hub.fail[blob.path], None, "injected failure")
                 return
+            if body and blob.path in hub.hold and not self.headers.get("Range"):
+                hub.hold[blob.path].wait(60)
             m = _RANGE.fullmatch(self.headers.get("Range", "").strip())
             if m and hub.range_mode != "ignore":
                 start = int(m[1])
@@ -330,7 +345,12 @@ def _handler(hub: FakeHub, server: str) -> type[BaseHTTPRequestHandler]:
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
-            if body:
+            if body and hub.bandwidth:
+                for start in range(0, len(payload), 1 << 20):
+                    part = payload[start : start + (1 << 20)]
+                    time.sleep(max(0.0, hub.reserve(len(part)) - time.monotonic()))
+                    self.wfile.write(part)
+            elif body:
                 self.wfile.write(payload)
             self.wfile.flush()
             if hang_up:
