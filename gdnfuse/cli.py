@@ -107,12 +107,9 @@ def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: s
 
 
 def _is_hub_source(source: str) -> bool:
-    return not Path(source).is_dir() and _looks_like_repo(source)
+    from gdnfuse.hub import is_repo_id  # the module imports huggingface_hub lazily
 
-
-def _looks_like_repo(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+    return not Path(source).is_dir() and is_repo_id(source)
 
 
 RevisionOpt = Annotated[

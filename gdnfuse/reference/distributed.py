@@ -32,6 +32,7 @@ from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
+from gdnfuse.verify_structure import parse_record
 
 MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",
@@ -59,13 +60,10 @@ class FusedModel:
 
 def describe_fused(ckpt: Checkpoint) -> FusedModel:
     """Read the layout record and the GDN layers of a fused checkpoint (headers only)."""
-    record = ckpt.config.get(RECORD_KEY)
-    if not isinstance(record, dict) or "layout" not in record:
-        raise GdnfuseError(
-            f"config.json has no '{RECORD_KEY}' layout record: not a gdnfuse-fused checkpoint",
-            path=str(ckpt.root),
-        )
     model = describe_config(ckpt.config)
+    record, why = parse_record(ckpt.config.get(RECORD_KEY), model.dims)
+    if record is None:
+        raise GdnfuseError(f"{why}: not a usable gdnfuse-fused checkpoint", path=str(ckpt.root))
     tensors = ckpt.tensors
     prefixes = tuple(m["prefix"] for n in tensors if (m := _QKVZ_KEY.match(n)))
     if not prefixes:
@@ -77,8 +75,8 @@ def describe_fused(ckpt: Checkpoint) -> FusedModel:
                 tensor=name,
             )
     return FusedModel(
-        root=str(ckpt.root), dims=model.dims, layout=Layout(record["layout"]),
-        record_tp=int(record.get("tp", 1)), prefixes=tuple(sorted(prefixes, key=natural_key)),
+        root=str(ckpt.root), dims=model.dims, layout=record.layout,
+        record_tp=record.tp, prefixes=tuple(sorted(prefixes, key=natural_key)),
         files={n: r.file for n, r in tensors.items()}, eps=norm_eps(ckpt.config, model),
     )  # fmt: skip
 
