@@ -8,7 +8,7 @@ finished files, so ``resume`` redoes only what is missing and yields the same by
 Why hand-written rather than a library: no library streams byte *ranges* of one file into
 another. ``os.copy_file_range`` copies inside the kernel (no user-space buffer; a
 reflink on filesystems that share extents), which keeps conversion at disk speed with
-constant memory; ``sendfile`` and a large-buffer ``pread``/``pwrite`` are the fallbacks.
+constant memory; a large-buffer ``pread``/``pwrite`` is the fallback where it is unsupported.
 
 Failures: a file being written is a temporary that is removed on every error and on
 Ctrl-C; the journal stays after any failure once writing has begun (the run can be

@@ -143,9 +143,7 @@ def plan_conversion(
     # Where each fused tensor goes: the shard and slot of its first source (the anchor).
     anchored = {g.parts[g.anchor].info.name: g for g in groups}
     dropped = {g.parts[p].info.name for g in groups for p in FUSED_SOURCES[g.fused][1:]}
-    touched = {g.parts[g.anchor].file for g in groups} | {
-        ref.file for g in groups for ref in g.parts.values()
-    }
+    touched = {ref.file for g in groups for ref in g.parts.values()}  # anchors are parts too
     if relabel is not None:  # a shard whose names or tensors change gets a new header
         touched |= {
             ref.file for n, ref in tensors.items() if n in relabel.pieces or relabel.rename(n) != n
