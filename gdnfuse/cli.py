@@ -45,11 +45,21 @@ out = Console()
 err = Console(stderr=True)
 
 LayoutOpt = Annotated[
-    Layout,
+    Layout | None,
     typer.Option(
         "--layout",
-        help="qwen3-next: per key-head group, what Qwen3-Next loaders expect (TP-invariant). "
-        "tp-blocked: each TP rank's rows contiguous as q|k|v|z, for pre-sharded loaders.",
+        help="qwen3-next (default): per key-head group, what Qwen3-Next loaders expect "
+        "(TP-invariant). tp-blocked: each TP rank's rows contiguous as q|k|v|z, for "
+        "pre-sharded loaders. With --engine, leave it out.",
+    ),
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Write what this engine serves correctly: vllm, sglang, trtllm, transformers, "
+        "mlx, llama.cpp (or refuse, saying why). Without it, a Qwen3.5-named output is "
+        "stamped so that no engine loads it (none reads the layout record); see `inspect`.",
     ),
 ]
 TpOpt = Annotated[
@@ -124,28 +134,67 @@ TokenOpt = Annotated[
 @app.command()
 def inspect(
     source: Annotated[str, typer.Argument(help="Model directory or Hub repo id (org/name).")],
-    layout: LayoutOpt = Layout.QWEN3_NEXT,
+    layout: LayoutOpt = None,
     tp: TpOpt = 1,
+    engine: EngineOpt = None,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
     cache_dir: CacheOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Show what a conversion would change, without converting.
+    """Show what a conversion would change, and which engines load what, without converting.
 
-    GDN layers found, valid --tp values, bytes rewritten vs copied or linked. Reads only
+    For a split Qwen3.5 source: GDN layers found, valid --tp values, bytes rewritten vs
+    copied or linked, and for each engine what `convert --engine E` would write (or why it
+    refuses). For any checkpoint (a source, a gdnfuse output, a fused one from elsewhere):
+    per engine, whether it loads it correctly, refuses it, or would load it and compute
+    something else, with the engine version that knowledge was read from. Reads only
     config.json, the index and the safetensors headers (for a Hub repo: HTTP range reads).
     """
+    from gdnfuse import engines, loaders
     from gdnfuse.convert import plan_source
 
     with _errors():
         path, record = _resolve(source, revision, cache_dir, token, headers_only=True)
-        cplan = plan_source(path, layout, tp, record)
-    summary = cplan.summary()
+        facts = loaders.read_facts(path)
+        summary: dict[str, Any] = {}
+        writes: dict[str, str] = {}
+        if not facts.fused:
+            summary = plan_source(path, layout, tp, record, engine=engine).summary()
+            for spec in engines.ENGINES:
+                try:
+                    writes[spec.name] = str(engines.choose(spec, facts))
+                except GdnfuseError as e:
+                    writes[spec.name] = f"refused: {e}"
+        found = loaders.to_json(engines.judge_all(facts))
+        for name, entry in found.items():
+            if writes:
+                entry["convert_engine_writes"] = writes[name]
+        summary["engines"] = found
     if json_out:
         print(json.dumps(summary))
-    else:
-        out.print(_summary_table(f"gdnfuse inspect {source}", summary))
+        return
+    rest = {k: v for k, v in summary.items() if k != "engines"}
+    if rest:
+        out.print(_summary_table(f"gdnfuse inspect {source}", rest))
+    out.print(_engine_table(f"engines loading {source} as it is", found), soft_wrap=True)
+
+
+def _engine_table(title: str, found: dict[str, dict[str, str]]) -> Text:
+    """Per engine, one plain line (never wrapped into cells, readable in a CI log): verdict,
+    engine, version and evidence, why; for a source also what ``--engine`` would write."""
+    style = {"loads": "green", "refuses": "yellow", "misreads": "bold red", "unknown": "red"}
+    text = Text(f"{title} (run: tested against the real engine here; read: from its code)\n")
+    width = max(len(f"{e['engine']} ({n})") for n, e in found.items())
+    for name, e in found.items():
+        text.append(f"  {e['outcome'].upper():9}", style=style.get(e["outcome"], ""))
+        text.append(f"{e['engine'] + ' (' + name + ')':{width}}  [{e['version']}; "
+                    f"{e['evidence']}]  {e['reason']}\n")  # fmt: skip
+        if "convert_engine_writes" in e:
+            text.append(f"  {'':9}{'':{width}}  convert --engine {name}: "
+                        f"{e['convert_engine_writes']}\n")  # fmt: skip
+    text.rstrip()
+    return text
 
 
 @app.command()
@@ -153,7 +202,8 @@ def convert(
     source: Annotated[str, typer.Argument(help="Model directory or Hub repo id (org/name).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new).")],
     tp: TpOpt = 1,
-    layout: LayoutOpt = Layout.QWEN3_NEXT,
+    layout: LayoutOpt = None,
+    engine: EngineOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the full plan; write nothing.")
     ] = False,
@@ -177,7 +227,7 @@ def convert(
     ] = False,
     fsync: Annotated[bool, typer.Option(help="fsync each file before it is renamed.")] = False,
     arch: Annotated[
-        Arch,
+        Arch | None,
         typer.Option(
             "--arch",
             help="qwen3_5: keep the Qwen3.5 architecture (only the GDN tensors change). "
@@ -185,7 +235,7 @@ def convert(
             "out, experts per expert) that any Qwen3-Next engine loads; needs --layout "
             "qwen3-next.",
         ),
-    ] = Arch.QWEN3_5,
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
@@ -207,6 +257,7 @@ def convert(
     permutations. The layout, tp and source are recorded in config.json ("gdnfuse") and
     in each rewritten shard's __metadata__.
     """
+    from gdnfuse import engines, loaders
     from gdnfuse.convert import convert as run_convert
     from gdnfuse.convert import plan_source
 
@@ -224,9 +275,11 @@ def convert(
             path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run,
                                     out=None if dry_run else out_dir)  # fmt: skip
         if dry_run:
-            cplan = plan_source(path, layout, tp, record, arch)
+            cplan = plan_source(path, layout, tp, record, arch, engine)
+            found = loaders.to_json(engines.judge_all(loaders.plan_facts(cplan)))
             if json_out:
-                print(json.dumps({"summary": cplan.summary(), "record": cplan.record,
+                summary = {**cplan.summary(), "engines": found}
+                print(json.dumps({"summary": summary, "record": cplan.record,
                                   "files": cplan.plan.to_json()}))  # fmt: skip
             else:
                 out.print(_summary_table(f"plan for {out_dir} (dry run)", cplan.summary()))
@@ -236,6 +289,8 @@ def convert(
                         f"rewrite ({len(f.extents)} ranges)" if f.extents else "new")  # fmt: skip
                     table.add_row(Text(f.name), _human(f.size), how)
                 out.print(table)
+                out.print(_engine_table(f"engines loading {out_dir} once written", found),
+                          soft_wrap=True)
             return
         options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
                                  checksum=checksum, fsync=fsync)  # fmt: skip
@@ -245,17 +300,30 @@ def convert(
                 result = run_convert(
                     path, out_dir, layout=layout, tp=tp, options=options,
                     progress=advance, on_plan=on_plan, record_source=record, arch=arch,
-                    fetch=fetch,
+                    fetch=fetch, engine=engine,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 raise GdnfuseError(
                     "interrupted; nothing in the output looks complete. Finish with: "
                     f"gdnfuse convert {source} --out {out_dir} --resume (same options)"
                 ) from None
+        found = loaders.to_json(engines.judge_all(loaders.read_facts(out_dir)))
     if json_out:
-        print(json.dumps(result.summary()))
+        print(json.dumps({**result.summary(), "engines": found}))
     elif not quiet:
         out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()))
+        out.print(_engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
+    _warn_misreaders(found)
+
+
+def _warn_misreaders(found: dict[str, dict[str, str]]) -> None:
+    """One stderr line when some engine would load the output and compute something else."""
+    bad = [e["engine"] for e in found.values() if e["outcome"] == "misreads"]
+    if bad:
+        err.print(Text.assemble(("warning: ", "bold yellow"),
+                                f"{', '.join(bad)} would load this output with misread weights "
+                                "(no engine reads the layout record); serve it only with the "
+                                "engines listed as loading it"), soft_wrap=True)  # fmt: skip
 
 
 @contextmanager
@@ -334,6 +402,17 @@ def verify(
             "process per GPU (NCCL), each reading only its slice. Needs --against."
         ),
     ] = "cpu",
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="Also load --against and the output in this engine and require the same "
+            "result: vllm (greedy tokens and top-k logprobs from fixed token prompts) or "
+            "sglang (every rank's parameters; loading only). The engine runs in "
+            "GDNFUSE_ENGINE_PYTHON or, if importable, this Python (pip install "
+            "'gdnfuse[vllm]'). --tp sets its tensor-parallel size.",
+        ),
+    ] = None,
 ) -> None:
     """Prove a converted checkpoint right: structure, exact bytes, reference forward.
 
@@ -349,7 +428,7 @@ def verify(
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise GdnfuseError(f"--device {device!r}: use cpu or cuda")
         report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric,
-                            device=device)  # fmt: skip
+                            device=device, engine=engine)  # fmt: skip
         for path, text in (
             (json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
             (junit, lambda: report.to_junit() + "\n"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gdnfuse.arch import Arch
-from gdnfuse.checkpoint import open_checkpoint
+from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import (
     JOURNAL_NAME,
@@ -31,8 +31,9 @@ from gdnfuse.executor import (
     finished_files,
     journal_head,
 )
-from gdnfuse.fusion import ConversionPlan, plan_conversion
-from gdnfuse.layout import Layout
+from gdnfuse.fusion import ConversionPlan, plan_conversion, refuse_fused
+from gdnfuse.layout import Layout, check_tp
+from gdnfuse.model import describe_config
 from gdnfuse.plan import Extent, OutputFile, Plan
 
 MANIFEST_NAME = "gdnfuse-manifest.json"
@@ -106,16 +107,69 @@ def relocate(cplan: ConversionPlan, old: Path, new: Path) -> ConversionPlan:
 
 def plan_source(
     source: str | os.PathLike[str],
-    layout: Layout = Layout.QWEN3_NEXT,
+    layout: Layout | str | None = None,
     tp: int = 1,
     record_source: Mapping[str, Any] | None = None,
-    arch: Arch | str = Arch.QWEN3_5,
+    arch: Arch | str | None = None,
+    engine: str | None = None,
 ) -> ConversionPlan:
-    """Plan the conversion of a local checkpoint directory (reads headers only)."""
+    """Plan the conversion of a local checkpoint directory (reads headers only).
+
+    ``engine``: write what that engine serves correctly (:func:`gdnfuse.engines.choose`);
+    ``layout`` and ``arch``, when also given, must agree with it. Without an engine the
+    output keeps ``arch`` (default Qwen3.5) and ``layout`` (default qwen3-next), and a
+    Qwen3.5-named output is stamped so that no engine loads it with misread rows.
+    """
     with _gc_paused():
-        return plan_conversion(
-            open_checkpoint(source), Layout(layout), tp, record_source, Arch(arch)
+        ckpt = open_checkpoint(source)
+        out = resolve_output(ckpt, layout, tp, arch, engine)
+        return plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
+                               stamp=out.stamp, serves=out.serves)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OutputChoice:
+    """What to write: architecture, row order (layout + the tp that orders its rows)."""
+
+    arch: Arch
+    layout: Layout
+    rows_tp: int
+    stamp: bool
+    serves: Mapping[str, Any] | None
+
+
+def resolve_output(
+    ckpt: Checkpoint,
+    layout: Layout | str | None,
+    tp: int,
+    arch: Arch | str | None,
+    engine_name: str | None,
+) -> OutputChoice:
+    """Turn ``--engine`` / ``--layout`` / ``--arch`` / ``--tp`` into one output choice."""
+    from gdnfuse import engines
+
+    layout = None if layout is None else Layout(layout)
+    arch = None if arch is None else Arch(arch)
+    refuse_fused(ckpt)
+    model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
+    check_tp(model.dims, tp)
+    if engine_name is None:
+        arch = arch or Arch.QWEN3_5
+        return OutputChoice(arch, layout or Layout.QWEN3_NEXT, tp, arch is Arch.QWEN3_5, None)
+    spec = engines.engine(engine_name)
+    src = engines.facts(ckpt.config, ckpt.tensors, model.dims, None)
+    candidates = tuple(t for t in spec.outputs if (arch is None or t.arch is arch)
+                       and (layout is None or t.rows.layout is layout))  # fmt: skip
+    if not candidates:
+        given = " ".join(f"{flag} {v}" for flag, v in (("--arch", arch), ("--layout", layout)) if v)
+        raise GdnfuseError(
+            f"--engine {spec.name} writes {' or '.join(map(str, spec.outputs))}; {given} "
+            "contradicts it (leave it out)"
         )
+    target = engines.choose(replace(spec, outputs=candidates), src)
+    rows_tp = tp if target.rows.layout is Layout.QWEN3_NEXT else target.rows.tp
+    serves = {"name": spec.name, "version": spec.version, "tp": tp, "output": str(target)}
+    return OutputChoice(target.arch, target.rows.layout, rows_tp, False, serves)
 
 
 @contextmanager
@@ -135,14 +189,15 @@ def convert(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    layout: Layout | str = Layout.QWEN3_NEXT,
+    layout: Layout | str | None = None,
     tp: int = 1,
     options: ExecuteOptions = ExecuteOptions(),
     progress: ProgressFn | None = None,
     on_plan: Callable[[ConversionPlan], None] | None = None,
     record_source: Mapping[str, Any] | None = None,
-    arch: Arch | str = Arch.QWEN3_5,
+    arch: Arch | str | None = None,
     fetch: SourceFetch | None = None,
+    engine: str | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in directory ``source`` into ``out``.
 
@@ -152,7 +207,7 @@ def convert(
     ``fetch.root`` once it is complete.
     """
     started = time.perf_counter()
-    cplan = plan_source(source, Layout(layout), tp, record_source, arch)
+    cplan = plan_source(source, layout, tp, record_source, arch, engine)
     if fetch is not None:
         cplan = relocate(cplan, Path(source), fetch.root)
     out_path = Path(out)

@@ -17,9 +17,17 @@ from typing import Any
 from gdnfuse import __version__
 from gdnfuse.arch import Arch, Relabel, plan_relabel
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from gdnfuse.engines import STAMP_KEY, stamp_config
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import FUSED_SOURCES, Layout, check_tp, coalesce, fused_runs, valid_tp
-from gdnfuse.model import GdnGroup, ModelInfo, describe_config, find_gdn_groups, is_fused_gdn_key
+from gdnfuse.model import (
+    GdnGroup,
+    ModelInfo,
+    TensorRef,
+    describe_config,
+    find_gdn_groups,
+    is_fused_gdn_key,
+)
 from gdnfuse.plan import Extent, OutputFile, Plan, coalesce_extents
 from gdnfuse.quant import block_rows, check_quantization, group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import encode_header
@@ -91,23 +99,21 @@ def plan_conversion(
     tp: int = 1,
     source: Mapping[str, Any] | None = None,
     arch: Arch = Arch.QWEN3_5,
+    *,
+    stamp: bool = False,
+    serves: Mapping[str, Any] | None = None,
 ) -> ConversionPlan:
     """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit.
 
     ``arch=Arch.QWEN3_NEXT`` also re-labels every tensor and the config as a Qwen3-Next
     checkpoint (:mod:`gdnfuse.arch`); the fused GDN tensors are planned the same way.
+    ``stamp`` gives config.json gdnfuse's own model_type and architectures, so that engines
+    which would misread the rows refuse instead (:func:`gdnfuse.engines.stamp_config`).
+    ``serves`` is recorded as the record's ``engine`` entry (what the output was made for).
     """
+    gdn = refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
     block_rows(model)  # refuse an unsupported scheme by name before its tensors confuse grouping
-    gdn = ckpt.select(lambda name: ".linear_attn.in_proj_" in name)
-    fused = next((n for n in gdn if is_fused_gdn_key(n)), None)
-    if fused is not None:
-        raise GdnfuseError(
-            "checkpoint is already fused (has in_proj_qkvz/in_proj_ba); check it with "
-            "`gdnfuse verify`",
-            path=str(ckpt.root / gdn[fused].file),
-            tensor=fused,
-        )
     groups = find_gdn_groups(gdn, model)
     if not groups:
         raise GdnfuseError(
@@ -132,6 +138,7 @@ def plan_conversion(
         "gdn_layers": len({g.prefix for g in groups}),
         "gdnfuse_version": __version__,
         **({"arch": dict(relabel.summary)} if relabel else {}),
+        **({"engine": dict(serves)} if serves else {}),
     }
     shard_meta = {
         f"{RECORD_KEY}.format": str(RECORD_FORMAT),
@@ -148,6 +155,9 @@ def plan_conversion(
         touched |= {
             ref.file for n, ref in tensors.items() if n in relabel.pieces or relabel.rename(n) != n
         }
+    # Loaders (transformers 4.x) refuse a shard whose __metadata__ lacks format "pt": such a
+    # shard gets a new header too, its data copied whole.
+    touched |= {s for s, h in ckpt.shards.items() if (h.metadata or {}).get("format") != "pt"}
 
     files: list[OutputFile] = []
     weight_map: dict[str, str] = {}
@@ -187,7 +197,7 @@ def plan_conversion(
                 total_size += entry[3]
         if not entries:  # every tensor left out (a vision-only shard): no file at all
             continue
-        metadata = {**(header.metadata or {}), **shard_meta}
+        metadata = {**(header.metadata or {}), "format": "pt", **shard_meta}
         files.append(OutputFile(shard, encode_header(entries, metadata), coalesce_extents(extents)))
         rewritten.append(shard)
 
@@ -198,6 +208,8 @@ def plan_conversion(
     config = dict(relabel.config if relabel else ckpt.config)
     if model.quantization is not None:
         config = rewrite_quantization_config(config, groups)
+    if stamp:
+        config, record[STAMP_KEY] = stamp_config(config)
     config[RECORD_KEY] = record
     files.append(OutputFile(CONFIG_NAME, _json_bytes(config), last=True))
     index_meta = dict((ckpt.index or {}).get("metadata") or {})
@@ -209,6 +221,21 @@ def plan_conversion(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
         record, tuple(side), relabel.summary if relabel else None, ckpt.ignored,
     )  # fmt: skip
+
+
+def refuse_fused(ckpt: Checkpoint) -> dict[str, TensorRef]:
+    """The checkpoint's GDN projection tensors; refuses one that is already fused (a gdnfuse
+    output, stamped or not), naming a fused tensor and its shard."""
+    gdn = ckpt.select(lambda name: ".linear_attn.in_proj_" in name)
+    fused = next((n for n in gdn if is_fused_gdn_key(n)), None)
+    if fused is not None:
+        raise GdnfuseError(
+            "checkpoint is already fused (has in_proj_qkvz/in_proj_ba); check it with "
+            "`gdnfuse verify`",
+            path=str(ckpt.root / gdn[fused].file),
+            tensor=fused,
+        )
+    return gdn
 
 
 def _fused_tensor(

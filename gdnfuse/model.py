@@ -24,6 +24,18 @@ FAMILIES: dict[str, str] = {
 }
 """Supported ``model_type`` values and where their decoder layers live."""
 
+STAMP_MODEL_TYPE = "gdnfuse_fused"
+"""model_type of a stamped gdnfuse output (:func:`gdnfuse.engines.stamp_config`): unknown to
+transformers' AutoConfig and so to every engine, which then refuse it loudly."""
+STAMP_ARCH_PREFIX = "GdnfuseFused"
+ARCH_MODEL_TYPES: dict[str, str] = {
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
+}
+"""transformers' architecture names of the Qwen3.5 families (to unstamp without a record)."""
+
 OUTPUT_FAMILIES: dict[str, str] = {**FAMILIES, "qwen3_next": "model."}
 """What a converted checkpoint may declare: ``--arch qwen3-next`` writes ``qwen3_next``.
 Only ``gdnfuse verify`` reads these; conversion accepts :data:`FAMILIES` alone."""
@@ -67,6 +79,12 @@ def describe_config(
     ``families``: the accepted ``model_type`` values (verify passes :data:`OUTPUT_FAMILIES`).
     """
     model_type = config.get("model_type")
+    if model_type == STAMP_MODEL_TYPE:
+        raise GdnfuseError(
+            f"model_type {STAMP_MODEL_TYPE}: a gdnfuse output, already fused (in_proj_qkvz, "
+            "in_proj_ba), not a split source; check it with `gdnfuse verify`",
+            path=path,
+        )
     if model_type not in families:
         arch = config.get("architectures")
         raise GdnfuseError(

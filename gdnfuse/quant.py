@@ -133,20 +133,21 @@ def group_dims(g: GdnGroup, model: ModelInfo) -> GdnDims:
 
 
 def fused_module_names(names: Iterable[Any]) -> list[Any]:
-    """Map split module names in an ignore list to fused ones, order kept.
+    """An ignore list that names both the split and the fused GDN modules, order kept.
 
-    ``in_proj_b`` and ``in_proj_a`` of one layer become one ``in_proj_ba`` (at the first
-    one's place); every entry that names no split GDN module is kept as it is, duplicates too.
+    Engines disagree on which form they match (sglang's ``is_layer_skipped`` matches the
+    split shard names of a packed module, vLLM 0.33's honours the fused name), so every
+    split name stays and its fused name (``in_proj_b`` and ``in_proj_a`` of one layer give
+    one ``in_proj_ba``) is added after the first of them; other entries are kept as they are.
     """
+    names = list(names)
     out: list[Any] = []
     for name in names:
-        new = (
-            _SPLIT_MODULE.sub(lambda m: f"in_proj_{_FUSED_OF[m[1]]}", name)
-            if isinstance(name, str)
-            else name
-        )
-        if new == name or new not in out:
-            out.append(new)
+        out.append(name)
+        if isinstance(name, str) and _SPLIT_MODULE.search(name):
+            new = _SPLIT_MODULE.sub(lambda m: f"in_proj_{_FUSED_OF[m[1]]}", name)
+            if new not in out and new not in names:
+                out.append(new)
     return out
 
 

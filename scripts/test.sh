@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Set up (if needed), lint, and run the whole test suite on CPU.
+# Set up (if needed), lint, and run the whole test suite on CPU, real engines included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/gdnfuse ] || bash scripts/setup.sh
+[ -x .venv-engines/bin/python ] || bash scripts/setup-engines.sh
 .venv/bin/ruff check gdnfuse tests scripts
+# The engine tests must run here, not skip: they judge what users run.
+export GDNFUSE_REQUIRE_ENGINES=1 GDNFUSE_ENGINE_PYTHON="$PWD/.venv-engines/bin/python"
 .venv/bin/python -m pytest tests "$@"

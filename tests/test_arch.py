@@ -288,9 +288,9 @@ def test_cli_arch_option_and_refusals(tmp_path: Path) -> None:
     assert cfg["model_type"] == "qwen3_next" and cfg["gdnfuse"]["arch"]["target"] == "qwen3_next"
     assert (tmp_path / "ok" / "tokenizer.json").exists()
     assert (tmp_path / "ok" / "generation_config.json").exists()
-    code, msg = _cli(src, tmp_path / "plain")  # default --arch keeps Qwen3.5
-    assert code == 0 and json.loads((tmp_path / "plain" / "config.json").read_text())[
-        "model_type"] == "qwen3_5"  # fmt: skip
+    code, msg = _cli(src, tmp_path / "plain")  # default --arch keeps Qwen3.5, stamped
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert code == 0 and plain["gdnfuse"]["stamp"]["model_type"] == "qwen3_5", msg
 
     code, msg = _cli(src, tmp_path / "o1", "--arch", "qwen3-next", "--layout", "tp-blocked")
     assert code == 2 and "--layout qwen3-next" in msg, msg

@@ -39,6 +39,7 @@ from typer.testing import CliRunner
 
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
+from gdnfuse.engines import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout, valid_tp
 from gdnfuse.reference import GdnWeights, fused_forward, split_forward
@@ -178,9 +179,14 @@ def check_index(out: Path) -> None:
 def check_record(src: Path, out: Path, layout: Layout, tp: int) -> None:
     """config.json and each rewritten shard say which layout they hold; the rest is kept."""
     src_cfg = json.loads((src / "config.json").read_text())
-    out_cfg = json.loads((out / "config.json").read_text())
+    stamped = json.loads((out / "config.json").read_text())
+    # No engine reads the record: the default output is stamped so that every engine refuses it.
+    assert stamped["model_type"] == STAMP_MODEL_TYPE, "default output is not stamped"
+    assert stamped["architectures"] == ["GdnfuseFused" + a for a in src_cfg["architectures"]]
+    out_cfg = unstamp_config(stamped)
     record = out_cfg.pop("gdnfuse", None)
     assert record is not None, "config.json has no gdnfuse record"
+    assert record["stamp"] == {k: src_cfg[k] for k in ("model_type", "architectures")}
     assert out_cfg == src_cfg
     assert (record["layout"], record["tp"]) == (str(layout), tp)
     assert str(src.resolve()) in json.dumps(record["source"])

@@ -30,7 +30,7 @@ from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.safetensors_file import encode_header, read_header
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import verify
-from gdnfuse.verify_exact import Reader, first_difference
+from gdnfuse.verify.exact import Reader, first_difference
 
 P = "model.language_model."
 LA1 = f"{P}layers.1.linear_attn."
@@ -506,7 +506,7 @@ def test_consumer_tp_the_record_cannot_serve(made: dict[str, Path], tmp_path: Pa
         ("bad-tp", "does not divide"),
         ("bad-layers", "not a GDN layer"),
         ("bad-against", "not a directory"),
-        ("against-fused", "no split GDN projections"),
+        ("against-fused", "already fused"),
     ],
 )
 def test_bad_input_exits_2(made: dict[str, Path], tmp_path: Path, case: str, message: str) -> None:
@@ -546,7 +546,7 @@ def test_failed_report_formats(
 
 
 def test_first_difference_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gdnfuse.verify_exact.CHUNK", 1000)
+    monkeypatch.setattr("gdnfuse.verify.exact.CHUNK", 1000)
     a, b = tmp_path / "a", tmp_path / "b"
     data = bytes(range(256)) * 40
     a.write_bytes(b"xx" + data)

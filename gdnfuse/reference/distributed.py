@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from gdnfuse.checkpoint import Checkpoint, open_checkpoint
+from gdnfuse.engines import unstamp_config
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
-from gdnfuse.verify_structure import parse_record
+from gdnfuse.verify.structure import parse_record
 
 MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",
@@ -60,7 +61,7 @@ class FusedModel:
 
 def describe_fused(ckpt: Checkpoint) -> FusedModel:
     """Read the layout record and the GDN layers of a fused checkpoint (headers only)."""
-    model = describe_config(ckpt.config)
+    model = describe_config(unstamp_config(ckpt.config))  # a stamped output: as declared
     record, why = parse_record(ckpt.config.get(RECORD_KEY), model.dims)
     if record is None:
         raise GdnfuseError(f"{why}: not a usable gdnfuse-fused checkpoint", path=str(ckpt.root))

@@ -12,7 +12,7 @@ weights; a head moved before fusion, or a wrong but self-consistent record, need
 Only the tensors of one layer are loaded at a time (FP8 weights dequantized by their block
 scales in float64), so memory is bounded by the largest layer. A ``--arch qwen3-next`` output's
 layers are read under their Qwen3-Next names and the source's under its own
-(:class:`gdnfuse.verify_arch.Names`).
+(:class:`gdnfuse.verify.arch.Names`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import Layout
 from gdnfuse.model import TensorRef, describe_config, norm_eps
 from gdnfuse.reference.naive import GdnWeights, fused_forward, resplit, split_forward
-from gdnfuse.verify_arch import Names, names_for
-from gdnfuse.verify_report import CheckResult, failed, outcome, passed
-from gdnfuse.verify_structure import FusedCheckpoint
+from gdnfuse.verify.arch import Names, names_for
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed
+from gdnfuse.verify.structure import FusedCheckpoint
 
 TOLERANCE = 1e-12
 """Max |fused - split| relative to max |split|: float64 paths computing the same math."""

@@ -8,7 +8,7 @@ the checkpoint, and nothing is decoded (any dtype, FP8 scales included). A failu
 fused tensor, the source tensor and the rows; when the bytes match another layout, it says so.
 
 A ``--arch qwen3-next`` output is compared under the renaming, expert split and vision-tower
-drop that :mod:`gdnfuse.verify_arch` rebuilds from the source's headers.
+drop that :mod:`gdnfuse.verify.arch` rebuilds from the source's headers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, v
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
 from gdnfuse.quant import group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import DTYPE_BYTES
-from gdnfuse.verify_arch import (
+from gdnfuse.verify.arch import (
     Expected,
     Names,
     Source,
@@ -36,8 +36,8 @@ from gdnfuse.verify_arch import (
     expected_tensors,
     names_for,
 )
-from gdnfuse.verify_report import CheckResult, failed, outcome
-from gdnfuse.verify_structure import FusedCheckpoint
+from gdnfuse.verify.report import CheckResult, failed, outcome
+from gdnfuse.verify.structure import FusedCheckpoint
 
 CHUNK = 16 << 20
 """Bytes read per side per step: the memory bound of the comparison."""

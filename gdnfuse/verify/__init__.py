@@ -2,13 +2,13 @@
 
 The worst converter failure is one that finishes and writes wrong weights: engines load them
 without error and serve garbage. So verify runs three independent checks and reports each
-fault by file and tensor (:class:`~gdnfuse.verify_report.VerifyReport`):
+fault by file and tensor (:class:`~gdnfuse.verify.report.VerifyReport`):
 
-1. structure (:mod:`gdnfuse.verify_structure`): headers, index, total_size, no split key
+1. structure (:mod:`gdnfuse.verify.structure`): headers, index, total_size, no split key
    left, fused shapes, the layout record and shard metadata, the manifest's sizes/hashes;
-2. exact, with ``against`` (:mod:`gdnfuse.verify_exact`): un-fused bytes equal the source
+2. exact, with ``against`` (:mod:`gdnfuse.verify.exact`): un-fused bytes equal the source
    bit for bit, every other tensor and side file is byte-identical (streamed, bounded memory);
-3. numeric (:mod:`gdnfuse.verify_numeric`, needs torch): each GDN layer run split and fused,
+3. numeric (:mod:`gdnfuse.verify.numeric`, needs torch): each GDN layer run split and fused,
    per TP rank of the recorded layout's consumer, float64, agreeing to 1e-12.
 
 Bad input (not a checkpoint, ``--tp`` or ``--layers`` that cannot apply) raises
@@ -27,8 +27,8 @@ from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import check_tp
-from gdnfuse.verify_report import CheckResult, VerifyReport, skipped
-from gdnfuse.verify_structure import FusedCheckpoint, check_structure, layer_number, open_fused
+from gdnfuse.verify.report import CheckResult, VerifyReport, skipped
+from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_number, open_fused
 
 __all__ = ["CheckResult", "VerifyReport", "select_layers", "verify"]
 
@@ -58,12 +58,16 @@ def verify(
     layers: Iterable[int] | None = None,
     numeric: bool = True,
     device: str = "cpu",
+    engine: str | None = None,
+    engine_python: str | None = None,
 ) -> VerifyReport:
     """Run every check on the converted checkpoint in ``checkpoint_dir``.
 
     ``against``: the unconverted source, for the exact comparison and a source-based numeric
     check. ``tp``: the consumer's tensor-parallel size (default: the recorded one).
     ``layers``: layer numbers for the numeric check (default: every GDN layer).
+    ``engine``: also load source and output in that engine (``vllm``, ``sglang``) at ``tp``
+    (default 1) and require the same result (:mod:`gdnfuse.verify.engine`); needs ``against``.
     """
     started = time.perf_counter()
     layers = None if layers is None else list(layers)
@@ -71,6 +75,12 @@ def verify(
     if tp is not None:
         check_tp(ck.model.dims, tp)
     selected = select_layers(ck, layers)
+    if engine is not None:
+        from gdnfuse.engines.run import engine_python as find_python
+
+        if against is None:
+            raise GdnfuseError("--engine needs --against: it compares with the source")
+        engine_python = find_python(engine, engine_python)  # before minutes of other checks
     src = None
     if against is not None:
         if Path(against).resolve() == ck.root.resolve():
@@ -79,20 +89,25 @@ def verify(
 
     checks: list[CheckResult] = check_structure(ck)
     if src is not None:
-        from gdnfuse.verify_exact import check_exact
+        from gdnfuse.verify.exact import check_exact
 
         checks += check_exact(ck, src)
     else:
         checks.append(skipped("exact", "no --against: bytes not compared with the source"))
     if numeric:
-        from gdnfuse.verify_numeric import check_numeric
+        from gdnfuse.verify.numeric import check_numeric
 
         checks += check_numeric(ck, src, selected, tp=tp, device=device)
         if device != "cpu":
             checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
     else:
         checks.append(skipped("numeric", "--no-numeric: reference forward not run"))
+    if engine is not None:
+        from gdnfuse.verify.engine import check_engine
+
+        checks += check_engine(ck.root, against, engine, tp or 1, engine_python)
     settings = {
+        "engine": engine,
         "tp": tp,
         "layers": None if layers is None else sorted(set(layers)),
         "numeric": numeric,

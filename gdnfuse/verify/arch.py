@@ -22,8 +22,8 @@ from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.model import ModelInfo, TensorRef
 from gdnfuse.safetensors_file import DTYPE_BYTES
-from gdnfuse.verify_report import CheckResult, failed, outcome, passed
-from gdnfuse.verify_structure import FusedCheckpoint
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed
+from gdnfuse.verify.structure import FusedCheckpoint
 
 FUSED_EXPERTS = re.compile(r"^(?P<base>.*\.mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
 PER_EXPERT = re.compile(r"^(?P<base>.*\.mlp\.experts\.\d+\.)(?P<kind>gate|up)_proj\.weight$")

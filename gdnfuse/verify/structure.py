@@ -23,6 +23,7 @@ from typing import Any
 from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE, VISUAL_PREFIX
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files
 from gdnfuse.convert import MANIFEST_NAME
+from gdnfuse.engines import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import JOURNAL_NAME
 from gdnfuse.fusion import RECORD_FORMAT, RECORD_KEY
@@ -37,7 +38,7 @@ from gdnfuse.model import (
 )
 from gdnfuse.quant import block_rows
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
-from gdnfuse.verify_report import CheckResult, failed, outcome, skipped
+from gdnfuse.verify.report import CheckResult, failed, outcome, skipped
 
 FUSED_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<fused>qkvz|ba)\.(?P<leaf>.+)$")
 CONV_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)conv1d\.weight$")
@@ -69,6 +70,8 @@ class FusedCheckpoint:
     raw_record: Any
     record: Record | None
     record_error: str | None
+    stamped: bool = False
+    """config.json carries gdnfuse's own model_type (``config`` is the unstamped one)."""
 
     @cached_property
     def tensors(self) -> dict[str, TensorRef]:
@@ -139,6 +142,8 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
         raise GdnfuseError(f"cannot read config.json: {e}", path=str(config_path)) from None
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(config_path))
+    stamped = config.get("model_type") == STAMP_MODEL_TYPE
+    config = unstamp_config(config, RECORD_KEY)  # checks read it as the source declared it
     model = describe_config(config, str(config_path), families=OUTPUT_FAMILIES)
     names = tuple(f for f in list_files(root) if f.endswith(".safetensors"))
     if not names:
@@ -151,7 +156,8 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
             unreadable[name] = e
     raw = config.get(RECORD_KEY)
     record, error = parse_record(raw, model.dims)
-    return FusedCheckpoint(root, config, model, names, shards, unreadable, raw, record, error)
+    return FusedCheckpoint(root, config, model, names, shards, unreadable, raw, record, error,
+                           stamped)  # fmt: skip
 
 
 def check_structure(ck: FusedCheckpoint) -> list[CheckResult]:

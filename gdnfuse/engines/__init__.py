@@ -1,0 +1,218 @@
+"""Which engine loads which checkpoint correctly: one home for that knowledge.
+
+Each engine is a small declarative :class:`~gdnfuse.engines.spec.EngineSpec` in a module of
+its own (``vllm``, ``sglang``, ``trtllm``, ``transformers``, ``mlx``, ``llama_cpp``). This
+package turns a checkpoint into :class:`Facts` and asks every spec the same question, so
+``convert --engine``, ``inspect``, the convert summary and the README table all come from
+the same rules. The planner never sees an engine name: ``convert`` resolves ``--engine`` to
+an architecture and a row order (:func:`choose`) before planning.
+
+No engine reads gdnfuse's layout record, so an output that keeps Qwen3.5 names with fused
+tensors and was not written for one engine is *stamped* (:func:`stamp_config`): its
+``model_type`` and ``architectures`` become gdnfuse's own, which every engine refuses
+loudly, instead of the sglang/TensorRT-LLM/transformers misreads its rows would get.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from gdnfuse.arch import Arch
+from gdnfuse.engines import llama_cpp, mlx, sglang, transformers, trtllm, vllm
+from gdnfuse.engines.spec import (
+    GROUPED,
+    PLAIN,
+    EngineSpec,
+    Facts,
+    FamilyRule,
+    Outcome,
+    Rows,
+    Target,
+    Verdict,
+    same_rows,
+)
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.layout import GdnDims, Layout
+from gdnfuse.model import ARCH_MODEL_TYPES, STAMP_ARCH_PREFIX, STAMP_MODEL_TYPE
+
+__all__ = [
+    "ENGINES",
+    "GROUPED",
+    "PLAIN",
+    "STAMP_KEY",
+    "STAMP_MODEL_TYPE",
+    "EngineSpec",
+    "Facts",
+    "FamilyRule",
+    "Outcome",
+    "Rows",
+    "Target",
+    "Verdict",
+    "choose",
+    "engine",
+    "facts",
+    "judge_all",
+    "markdown_table",
+    "same_rows",
+    "stamp_config",
+    "unstamp_config",
+]
+
+ENGINES: tuple[EngineSpec, ...] = (
+    vllm.SPEC, sglang.SPEC, trtllm.SPEC, transformers.SPEC, mlx.SPEC, llama_cpp.SPEC,
+)  # fmt: skip
+"""Every engine gdnfuse knows, in the order tables list them."""
+
+STAMP_KEY = "stamp"  # in the layout record: the model_type and architectures replaced
+
+_FAMILY = {"qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5", "qwen3_5_text": "qwen3_5",
+           "qwen3_5_moe_text": "qwen3_5", "qwen3_next": "qwen3_next"}  # fmt: skip
+_SPLIT_BA = re.compile(r"in_proj_[ba](?=$|\.)")
+_FUSED_BA = re.compile(r"in_proj_ba(?=$|\.)")
+
+
+def engine(name: str) -> EngineSpec:
+    """The spec for an ``--engine`` value; a one-line error lists the valid ones."""
+    for spec in ENGINES:
+        if spec.name == name:
+            return spec
+    raise GdnfuseError(
+        f"unknown engine {name!r}; choose one of {', '.join(s.name for s in ENGINES)}"
+    )
+
+
+def family(model_type: str) -> str:
+    return _FAMILY.get(model_type, model_type)
+
+
+def fp8_ignore_forms(config: Mapping[str, Any]) -> frozenset[str] | None:
+    """Name forms (``split``, ``fused``) of in_proj_b/a in an FP8 config's ignore lists."""
+    from gdnfuse.quant import IGNORE_LISTS  # noqa: PLC0415 (quant imports model, not us)
+
+    holders = [config, config.get("text_config") or {}]
+    quants = [h.get("quantization_config") for h in holders if isinstance(h, Mapping)]
+    quants = [q for q in quants if isinstance(q, Mapping)]
+    if not quants:
+        return None
+    forms = set()
+    for q in quants:
+        for key in IGNORE_LISTS:
+            for name in q.get(key) or []:
+                if isinstance(name, str) and _SPLIT_BA.search(name):
+                    forms.add("split")
+                if isinstance(name, str) and _FUSED_BA.search(name):
+                    forms.add("fused")
+    return frozenset(forms)
+
+
+def facts(
+    config: Mapping[str, Any],
+    tensor_names: Iterable[str],
+    dims: GdnDims,
+    rows: Rows | None,
+) -> Facts:
+    """What a loader sees of a checkpoint.
+
+    ``rows``: the fused row order from the layout record, None without one. A Qwen3-Next
+    checkpoint without a record holds grouped rows by the format's definition.
+    """
+    fam = family(str(config.get("model_type")))
+    names = list(tensor_names)
+    fused = any(".linear_attn.in_proj_qkvz." in n for n in names)
+    if fused and rows is None and fam == "qwen3_next":
+        rows = GROUPED
+    moe = any(".mlp.experts." in n for n in names)
+    return Facts(fam, fused, rows if fused else None, moe, dims, fp8_ignore_forms(config))
+
+
+def judge_all(f: Facts) -> dict[str, Verdict]:
+    """Every engine's verdict on one checkpoint, by ``--engine`` name."""
+    return {spec.name: spec.judge(f) for spec in ENGINES}
+
+
+def target_facts(target: Target, source: Facts) -> Facts:
+    """The facts of what gdnfuse would write for ``target`` from a split source."""
+    fam = "qwen3_next" if target.arch is Arch.QWEN3_NEXT else "qwen3_5"
+    fp8 = None if source.fp8_ignore is None else frozenset({"split", "fused"})
+    return Facts(fam, True, target.rows, source.moe, source.dims, fp8)
+
+
+def choose(spec: EngineSpec, source: Facts) -> Target:
+    """The first of ``spec.outputs`` the engine loads correctly from this source, or a
+    one-line refusal saying why and what to do instead."""
+    reasons = []
+    for target in spec.outputs:
+        verdict = spec.judge(target_facts(target, source))
+        if verdict.outcome is Outcome.LOADS:
+            return target
+        reasons.append(f"{target}: {verdict.reason}")
+    kind = "MoE" if source.moe else "dense"
+    raise GdnfuseError(
+        f"--engine {spec.name}: no output {spec.label} serves correctly for this {kind} model "
+        f"({'; '.join(reasons)}); {spec.refuse_hint}"
+    )
+
+
+def stamp_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rename model_type and architectures to gdnfuse's own (the config, and what it replaced).
+
+    transformers' AutoConfig raises on an unknown model_type, and vLLM, sglang, TensorRT-LLM
+    and mlx-lm all pick their model by it (or by architectures): each refuses with an error
+    naming the model type, where the unstamped output would load with misread rows.
+    """
+    was = {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
+    out = dict(config)
+    out["model_type"] = STAMP_MODEL_TYPE
+    out["architectures"] = [STAMP_ARCH_PREFIX + a for a in (config.get("architectures") or [])]
+    return out, was
+
+
+def unstamp_config(config: Mapping[str, Any], record_key: str = "gdnfuse") -> dict[str, Any]:
+    """A stamped config as the source declared it (model_type, architectures restored)."""
+    out = dict(config)
+    if out.get("model_type") != STAMP_MODEL_TYPE:
+        return out
+    record = out.get(record_key)
+    was = record.get(STAMP_KEY) if isinstance(record, Mapping) else None
+    if not isinstance(was, Mapping):  # record lost: the architectures still say what it was
+        archs = [a.removeprefix(STAMP_ARCH_PREFIX) for a in out.get("architectures") or []
+                 if isinstance(a, str)]  # fmt: skip
+        was = {"model_type": next((ARCH_MODEL_TYPES[a] for a in archs if a in ARCH_MODEL_TYPES),
+                                  STAMP_MODEL_TYPE), "architectures": archs}  # fmt: skip
+    out["model_type"] = was.get("model_type")
+    if was.get("architectures") is None:
+        out.pop("architectures", None)
+    else:
+        out["architectures"] = was.get("architectures")
+    return out
+
+
+def markdown_table(rows: Iterable[tuple[str, Facts]]) -> str:
+    """A Markdown table: one row per labelled checkpoint, one column per engine."""
+    head = "| output | " + " | ".join(f"{s.label} ({s.evidence})" for s in ENGINES) + " |"
+    lines = [head, "|" + " --- |" * (len(ENGINES) + 1)]
+    for label, f in rows:
+        cells = [spec.judge(f).outcome.value for spec in ENGINES]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_rows(dims: GdnDims) -> list[tuple[str, Facts]]:
+    """The outputs the README's engine table describes, for dims where layouts differ."""
+    out = []
+    for moe in (True, False):
+        kind = "MoE" if moe else "dense"
+        out += [
+            (f"default (stamped), {kind}", Facts(STAMP_MODEL_TYPE, True, GROUPED, moe, dims)),
+            (f"Qwen3.5 names, qwen3-next rows (`--engine trtllm --arch qwen3_5`), {kind}",
+             Facts("qwen3_5", True, GROUPED, moe, dims)),
+            (f"Qwen3.5 names, plain rows (`--engine sglang`), {kind}",
+             Facts("qwen3_5", True, PLAIN, moe, dims)),
+            (f"Qwen3.5 names, tp-blocked T=2, unstamped, {kind}",
+             Facts("qwen3_5", True, Rows(Layout.TP_BLOCKED, 2), moe, dims)),
+            (f"`--arch qwen3-next`, {kind}", Facts("qwen3_next", True, GROUPED, moe, dims)),
+            (f"the split source, {kind}", Facts("qwen3_5", False, None, moe, dims)),
+        ]  # fmt: skip
+    return out

@@ -1,0 +1,1 @@
+"""Scripts run by an engine's own Python (vLLM, sglang), not imported by gdnfuse."""

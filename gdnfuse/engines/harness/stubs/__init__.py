@@ -1,0 +1,1 @@
+"""Import-time stand-ins; see sitecustomize.py."""

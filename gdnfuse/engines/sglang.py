@@ -1,0 +1,33 @@
+"""sglang: read from 0.5.23's loader code; its real loader runs here on CPU (loading only)."""
+
+from gdnfuse.arch import Arch
+from gdnfuse.engines.spec import GROUPED, PLAIN, EngineSpec, FamilyRule, Outcome, Target
+
+SPEC = EngineSpec(
+    name="sglang",
+    label="sglang",
+    version="0.5.23",
+    evidence="run",
+    families={
+        "qwen3_5": FamilyRule(
+            where="sglang/srt/models/qwen3_5.py: load_weights (stacked_params_mapping names end "
+            "in a dot, so a fused name passes unmangled); srt/layers/linear.py: "
+            "MergedColumnParallelLinear.weight_loader with shard id None splits the global "
+            "tensor by output_sizes [key, key, value, value], then slices each rank",
+            fused_rows=PLAIN,
+        ),
+        "qwen3_next": FamilyRule(
+            where="sglang/srt/models/qwen3_next.py: Qwen3NextForCausalLM (contiguous slice, "
+            "fix_query_key_value_ordering per rank)",
+            split=Outcome.REFUSES,
+            fused_rows=GROUPED,
+            dense=Outcome.REFUSES,
+            dense_reason="its Qwen3-Next builds every layer as MoE (num_experts = 0 fails)",
+        ),
+    },
+    outputs=(Target(Arch.QWEN3_5, PLAIN),),
+    refuse_hint="serve the source checkpoint: sglang fuses the split projections at load",
+    # srt/layers/quantization/utils.py: is_layer_skipped matches a packed module by its
+    # split shard names (in_proj_b, in_proj_a), not by in_proj_ba.
+    fp8_ignore=frozenset({"split"}),
+)

@@ -1,0 +1,165 @@
+"""The shape of engine knowledge: what a loader does with a checkpoint, as data.
+
+No engine reads gdnfuse's layout record; each fixes the row order of fused GDN tensors by
+its model class. So an engine is described by a few rules per model family (which names
+it knows, which row order it reads fused tensors in, whether it builds dense models,
+which quantization ignore-list names it matches), and the same pure function
+(:meth:`EngineSpec.judge`) answers for every engine and every checkpoint: loads
+correctly, refuses loudly, or loads and computes something else (misreads).
+
+The per-engine descriptions live beside this module, one small module each; nothing
+outside :mod:`gdnfuse.engines` knows an engine's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gdnfuse.arch import Arch
+from gdnfuse.layout import BA, QKVZ, GdnDims, Layout, coalesce, fused_runs
+
+
+class Outcome(StrEnum):
+    LOADS = "loads"
+    """Loads and computes what the source computes."""
+    REFUSES = "refuses"
+    """Raises at load (a loud, safe failure)."""
+    MISREADS = "misreads"
+    """Loads without error and computes something else: the failure gdnfuse exists to prevent."""
+    UNKNOWN = "unknown"
+    """Depends on facts the checkpoint does not state (fused rows without a layout record)."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A row order of the fused tensors: ``layout`` with ``tp`` (``tp`` matters for tp-blocked)."""
+
+    layout: Layout
+    tp: int = 1
+
+    def __str__(self) -> str:
+        if self.layout is Layout.TP_BLOCKED:
+            return "plain [Q;K;V;Z]" if self.tp == 1 else f"tp-blocked T={self.tp}"
+        return "qwen3-next (per key-head group)"
+
+
+GROUPED = Rows(Layout.QWEN3_NEXT)
+PLAIN = Rows(Layout.TP_BLOCKED, 1)
+
+
+def same_rows(dims: GdnDims, a: Rows, b: Rows) -> bool:
+    """Whether two row orders put every row at the same place for these dims.
+
+    They can coincide (``nk / T == 1`` makes tp-blocked equal qwen3-next; ``nk == 1`` makes
+    all equal), so compare the row runs themselves rather than the names.
+    """
+    def runs(f: str, r: Rows) -> tuple:
+        return coalesce(fused_runs(f, dims, r.layout, r.tp))
+
+    return all(runs(f, a) == runs(f, b) for f in (QKVZ, BA))
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a loader sees of a checkpoint's GDN layers (built by :func:`gdnfuse.engines.facts`).
+
+    ``family``: ``qwen3_5`` or ``qwen3_next`` by model_type, else the model_type itself
+    (which no engine knows: a stamped gdnfuse output). ``rows``: the fused row order, None
+    when split or when nothing records it. ``fp8_ignore``: the name forms (``split``,
+    ``fused``) of in_proj_b/a in the quantization ignore lists; None when not FP8.
+    """
+
+    family: str
+    fused: bool
+    rows: Rows | None
+    moe: bool
+    dims: GdnDims
+    fp8_ignore: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """How one engine loads one model family (``qwen3_5`` or ``qwen3_next`` model types)."""
+
+    where: str
+    """File and function the rule was read from (or run against)."""
+    split: Outcome = Outcome.LOADS
+    fused_rows: Rows | None = None
+    """The order it reads fused tensors in (TP-invariant for the engines here: they split the
+    global tensor, or slice whole key-head groups); None: it refuses fused tensors."""
+    fused_refusal: str = ""
+    fused_unsupported: Outcome = Outcome.REFUSES
+    """What it does with fused tensors when ``fused_rows`` is None (transformers: random init)."""
+    dense: Outcome = Outcome.LOADS
+    dense_reason: str = ""
+    needs_dk_eq_dv: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """An output gdnfuse can write: architecture names plus fused row order."""
+
+    arch: Arch
+    rows: Rows
+
+    def __str__(self) -> str:
+        names = "Qwen3-Next names (--arch qwen3-next)" if self.arch is Arch.QWEN3_NEXT else (
+            "Qwen3.5 names")  # fmt: skip
+        return f"{names}, {self.rows} rows"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine: its rules per family, and the outputs to write for it, best first."""
+
+    name: str
+    """The ``--engine`` value."""
+    label: str
+    version: str
+    """Release whose loader code the rules were read from."""
+    evidence: str
+    """``run`` when tests load outputs in the real engine here, else ``read``."""
+    families: dict[str, FamilyRule]
+    outputs: tuple[Target, ...]
+    """What ``--engine`` writes: the first of these that :meth:`judge` says loads."""
+    refuse_hint: str
+    """What to do instead when no output of :attr:`outputs` loads (one clause)."""
+    fp8_ignore: frozenset[str] = field(default=frozenset({"split", "fused"}))
+    """Name forms of a packed module its quantization ignore-list matching honours."""
+
+    def judge(self, f: Facts) -> Verdict:
+        rule = self.families.get(f.family)
+        if rule is None:
+            return Verdict(Outcome.REFUSES, f"does not know model_type {f.family!r}")
+        if not f.moe and rule.dense is not Outcome.LOADS:
+            return Verdict(rule.dense, rule.dense_reason)
+        if rule.needs_dk_eq_dv and f.dims.dk != f.dims.dv:
+            return Verdict(Outcome.REFUSES, "needs linear_key_head_dim == linear_value_head_dim")
+        if f.fp8_ignore is not None and not f.fp8_ignore & self.fp8_ignore:
+            return Verdict(
+                Outcome.REFUSES,
+                f"matches ignore lists by {'/'.join(sorted(self.fp8_ignore))} names, which the "
+                "config lacks: it would quantize the bf16 in_proj_ba (init fails)",
+            )
+        if not f.fused:
+            return Verdict(rule.split, "split projections" if rule.split is Outcome.LOADS else (
+                "expects fused in_proj_qkvz/in_proj_ba"))  # fmt: skip
+        if rule.fused_rows is None:
+            return Verdict(rule.fused_unsupported, rule.fused_refusal)
+        if f.rows is None:
+            return Verdict(
+                Outcome.UNKNOWN,
+                f"reads fused rows as {rule.fused_rows}; no layout record says what these are",
+            )
+        if same_rows(f.dims, f.rows, rule.fused_rows):
+            return Verdict(Outcome.LOADS, f"reads fused rows as {rule.fused_rows}")
+        return Verdict(
+            Outcome.MISREADS, f"reads fused rows as {rule.fused_rows}, these are {f.rows}"
+        )

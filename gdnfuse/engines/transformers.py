@@ -1,0 +1,28 @@
+"""Hugging Face transformers: read from 5.24's model classes and run by the tests."""
+
+from gdnfuse.arch import Arch
+from gdnfuse.engines.spec import GROUPED, EngineSpec, FamilyRule, Outcome, Target
+
+SPEC = EngineSpec(
+    name="transformers",
+    label="transformers",
+    version="5.24",
+    evidence="run",
+    families={
+        "qwen3_5": FamilyRule(
+            where="transformers/models/qwen3_5/modeling_qwen3_5.py: Qwen3_5GatedDeltaNet has "
+            "only the split linears",
+            fused_unsupported=Outcome.MISREADS,
+            fused_refusal="fused tensors are unexpected keys and in_proj_qkv/z/b/a are "
+            "randomly initialised (only a warning)",
+        ),
+        "qwen3_next": FamilyRule(
+            where="transformers/models/qwen3_next/modeling_qwen3_next.py: "
+            "Qwen3NextGatedDeltaNet.fix_query_key_value_ordering",
+            split=Outcome.MISREADS,
+            fused_rows=GROUPED,
+        ),
+    },
+    outputs=(Target(Arch.QWEN3_NEXT, GROUPED),),
+    refuse_hint="load the source checkpoint",
+)

@@ -1,0 +1,121 @@
+"""The engine rules (gdnfuse.engines), checked as data: what --engine writes, what the
+verdicts say, the stamp, and the README table. The real engines judge the same outputs in
+test_engine_vllm.py, test_engine_sglang.py and test_engine_transformers.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from tiny_models import build_checkpoint
+
+from gdnfuse import engines, loaders
+from gdnfuse.arch import Arch
+from gdnfuse.convert import convert
+from gdnfuse.engines import ENGINES, GROUPED, PLAIN, Facts, Outcome, Rows, same_rows
+from gdnfuse.errors import GdnfuseError
+from gdnfuse.executor import ExecuteOptions
+from gdnfuse.layout import GdnDims, Layout
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+OPTS = ExecuteOptions(workers=1)
+
+
+@pytest.mark.parametrize(("nk", "r"), list(itertools.product([1, 2, 4], [1, 2, 3, 4])))
+def test_same_rows_only_where_layouts_coincide(nk: int, r: int) -> None:
+    dims = GdnDims(nk, nk * r, 8, 4)
+    assert same_rows(dims, GROUPED, Rows(Layout.TP_BLOCKED, nk))  # nk / T == 1
+    assert same_rows(dims, GROUPED, PLAIN) == (nk == 1)
+    if nk > 1:
+        assert not same_rows(dims, PLAIN, Rows(Layout.TP_BLOCKED, 2))
+
+
+@pytest.mark.parametrize("moe", [True, False])
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+def test_engine_outputs_load_in_their_engine(moe: bool, r: int) -> None:
+    """What --engine E writes, E loads; a refusal says what to do instead; stamped outputs
+    are refused by every engine."""
+    src = Facts("qwen3_5", False, None, moe, GdnDims(4, 4 * r, 8, 8))
+    for spec in ENGINES:
+        try:
+            target = engines.choose(spec, src)
+        except GdnfuseError as e:
+            assert not moe and spec.refuse_hint in str(e), (spec.name, e)
+            continue
+        out = engines.target_facts(target, src)
+        assert spec.judge(out).outcome is Outcome.LOADS, spec.name
+    stamped = Facts(engines.STAMP_MODEL_TYPE, True, GROUPED, moe, src.dims)
+    assert {v.outcome for v in engines.judge_all(stamped).values()} == {Outcome.REFUSES}
+
+
+def test_known_misreads_are_what_the_issue_measured() -> None:
+    """The silent failures the engines were seen to make (issue 12's table)."""
+    dims = GdnDims(4, 8, 8, 8)
+    grouped = engines.judge_all(Facts("qwen3_5", True, GROUPED, True, dims))
+    plain = engines.judge_all(Facts("qwen3_5", True, PLAIN, True, dims))
+    assert grouped["sglang"].outcome is Outcome.MISREADS
+    assert grouped["vllm"].outcome is Outcome.REFUSES and grouped["trtllm"].outcome is Outcome.LOADS
+    assert plain["trtllm"].outcome is Outcome.MISREADS and plain["sglang"].outcome is Outcome.LOADS
+    unrecorded = engines.judge_all(Facts("qwen3_5", True, None, True, dims))
+    assert unrecorded["sglang"].outcome is Outcome.UNKNOWN
+
+
+def test_planted_rule_fault_is_caught() -> None:
+    """A spec that expected the wrong rows would misread: judge must say so, not 'loads'."""
+    spec = engines.engine("sglang")
+    rule = replace(spec.families["qwen3_5"], fused_rows=GROUPED)
+    wrong = replace(spec, families={**spec.families, "qwen3_5": rule})
+    src = Facts("qwen3_5", False, None, True, GdnDims(4, 8, 8, 8))
+    out = engines.target_facts(engines.choose(spec, src), src)
+    assert spec.judge(out).outcome is Outcome.LOADS
+    assert wrong.judge(out).outcome is Outcome.MISREADS
+
+
+def test_fp8_ignore_names_match_every_engine() -> None:
+    dims = GdnDims(4, 8, 128, 128)
+    fused_only = Facts("qwen3_5", True, PLAIN, True, dims, frozenset({"fused"}))
+    assert engines.engine("sglang").judge(fused_only).outcome is Outcome.REFUSES
+    both = replace(fused_only, fp8_ignore=frozenset({"split", "fused"}))
+    assert engines.engine("sglang").judge(both).outcome is Outcome.LOADS
+
+
+def test_readme_table_is_generated_from_the_rules() -> None:
+    table = engines.markdown_table(engines.readme_rows(GdnDims(4, 8, 64, 64)))
+    assert table in README.read_text(), "README engine table is stale; regenerate it:\n" + table
+
+
+def test_unknown_engine_and_contradicting_options(tmp_path: Path) -> None:
+    src = build_checkpoint(tmp_path / "src", r=2, moe=True)
+    with pytest.raises(GdnfuseError, match="unknown engine 'vlm'; choose one of vllm"):
+        convert(src, tmp_path / "a", engine="vlm", options=OPTS)
+    with pytest.raises(GdnfuseError, match="contradicts"):
+        convert(src, tmp_path / "b", engine="sglang", layout="qwen3-next", options=OPTS)
+    with pytest.raises(GdnfuseError, match="contradicts"):
+        convert(src, tmp_path / "c", engine="vllm", arch=Arch.QWEN3_5, options=OPTS)
+    assert not any((tmp_path / d).exists() for d in "abc")
+    # --engine trtllm --arch qwen3_5 keeps Qwen3.5 names (and a vision tower), grouped rows.
+    out = convert(src, tmp_path / "t", engine="trtllm", arch="qwen3_5", tp=2, options=OPTS).out
+    record = json.loads((out / "config.json").read_text())["gdnfuse"]
+    assert record["layout"] == "qwen3-next" and record["engine"]["name"] == "trtllm"
+    assert loaders.verdicts(out)["trtllm"].outcome is Outcome.LOADS
+
+
+def test_every_shard_says_format_pt(tmp_path: Path) -> None:
+    """A source shard without __metadata__ (or without format) gets format: pt too, even
+    when it holds no GDN tensor (its header is rewritten, its data copied whole)."""
+    from safetensors.torch import load_file, save_file
+
+    src = build_checkpoint(tmp_path / "src", r=2, moe=True, shard_size="20KB")
+    for shard in sorted(src.glob("*.safetensors")):
+        save_file(load_file(shard), shard)  # no metadata at all
+    for kw in ({}, {"engine": "sglang"}, {"engine": "vllm"}):
+        out = convert(src, tmp_path / f"out-{len(kw)}-{kw.get('engine')}", options=OPTS, **kw).out
+        shards = sorted(out.glob("*.safetensors"))
+        assert len(shards) > 2
+        for shard in shards:
+            with safe_open(shard, "pt") as f:
+                assert (f.metadata() or {}).get("format") == "pt", shard.name
