@@ -38,8 +38,9 @@ def test_transformers_verdicts(tmp_path: Path, moe: bool) -> None:
     for name, out in outs.items():
         verdict = loaders.verdicts(out)["transformers"].outcome
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                               output_loading_info=True)  # fmt: skip
+            model, info = AutoModelForCausalLM.from_pretrained(
+                out, dtype=torch.float32, output_loading_info=True
+            )
         except ValueError as e:
             assert "gdnfuse_fused" in str(e) and verdict is Outcome.REFUSES, name
             continue
