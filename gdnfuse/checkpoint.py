@@ -24,7 +24,7 @@ CONFIG_NAME = "config.json"
 # Files a converted checkpoint must not carry along: weight duplicates in other formats
 # would still hold the split projections, and caches are not part of the model.
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
-SKIPPED_DIRS = ("original", ".cache", ".git", ".huggingface")
+SKIPPED_DIRS = ("original", ".cache", ".git", ".huggingface", ".gdnfuse")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Never imports torch.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -214,10 +215,12 @@ def convert(
     check_destination(fetch.root if fetch else Path(source), out_path)
     new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
     stale = sorted(_previous_outputs(out_path) - new_names) if options.overwrite else []
-    skip = set(cplan.untouched) if options.link else set()
+    identity = {} if fetch is not None else source_identity(cplan.plan)
+    skip = linkable(cplan, out_path) if options.link else set()
     if options.resume and (out_path / JOURNAL_NAME).is_file():
-        skip |= set(finished_files(out_path, journal_head(cplan.plan, options)))
-    check_free_space(out_path, sum(f.size for f in cplan.plan.files if f.name not in skip))
+        skip |= set(finished_files(out_path, journal_head(cplan.plan, options, identity)))
+    hint = not options.link and bool(linkable(cplan, out_path))  # only where it would help
+    check_free_space(out_path, sum(f.size for f in cplan.plan.files if f.name not in skip), hint)
     if on_plan:
         on_plan(cplan)
 
@@ -237,7 +240,7 @@ def convert(
     try:
         files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
                         stale=[MANIFEST_NAME, *stale],
-                        wait_for=fetch.wait_for if fetch else None)  # fmt: skip
+                        wait_for=fetch.wait_for if fetch else None, sources=identity)  # fmt: skip
     except BaseException:
         if fetch is not None:
             fetch.stop()
@@ -245,26 +248,78 @@ def convert(
     return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_destination(source: Path, out: Path) -> None:
-    """Refuse an output that is, contains or lies inside the source."""
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
+    """Refuse an output that is, contains or lies inside the source.
+
+    Compared by device and inode, not by path: a bind mount (or a symlinked folder) shows
+    the same directory under another name.
+    """
+    src = _identity(source)
+    dst_chain = [_existing(out), *_existing(out).parents]
+    inside = any(_identity(p) == src for p in dst_chain)
+    above = out.exists() and any(
+        _identity(p) == _identity(out) for p in [source.absolute(), *source.absolute().parents]
+    )
+    if inside or above:
         raise GdnfuseError(
             "--out must be a separate directory, neither the source, inside it, nor above it",
             path=str(out),
         )
 
 
-def check_free_space(out: Path, needed: int) -> None:
+def linkable(cplan: ConversionPlan, out: Path) -> set[str]:
+    """Untouched shards that ``--link`` can really hard-link: same filesystem as ``out``.
+
+    Elsewhere link(2) fails with EXDEV and the shard is copied, so its bytes count."""
+    dev = _existing(out).stat().st_dev
+    whole = {f.name: f.whole_source for f in cplan.plan.files if f.whole_source}
+    return {n for n in cplan.untouched if n in whole
+            and os.stat(os.path.realpath(whole[n])).st_dev == dev}  # fmt: skip
+
+
+def source_identity(plan: Plan) -> dict[str, list[Any]]:
+    """Size, mtime_ns, inode and a hash of the safetensors header of every source file, for
+    the journal: ``--resume`` must not finish a run whose source bytes changed."""
+    out: dict[str, list[Any]] = {}
+    paths = {e.source for f in plan.files for e in f.extents}
+    paths |= {f.whole_source for f in plan.files if f.whole_source}
+    for path in sorted(paths):
+        try:
+            st = os.stat(path)
+            digest = ""
+            if path.endswith(".safetensors"):
+                with open(path, "rb") as fh:
+                    head = fh.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                    digest = hashlib.sha256(head + fh.read(min(n, 100 << 20))).hexdigest()
+        except OSError as e:
+            raise GdnfuseError(f"cannot read source: {e.strerror or e}", path=path) from None
+        out[path] = [st.st_size, st.st_mtime_ns, st.st_ino, digest]
+    return out
+
+
+def check_free_space(out: Path, needed: int, hint: bool = True) -> None:
     """Refuse before starting when the plan cannot fit on the output's filesystem."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _existing(out)
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise GdnfuseError(
             f"not enough free space: needs {_size(needed)} but only {_size(free)} are free on "
-            "that filesystem (consider --link to hard-link untouched shards)",
+            "that filesystem"
+            + (" (consider --link to hard-link untouched shards)" if hint else ""),
             path=str(out),
         )
 

@@ -15,6 +15,14 @@ Ctrl-C; the journal stays after any failure once writing has begun (the run can 
 finished with ``resume`` after freeing space or fixing the cause) and is removed on
 success. A kill -9 leaves temporaries too; ``resume`` and ``overwrite`` remove them.
 
+gdnfuse's own files live in ``OUT/.gdnfuse/`` (no side file of a checkpoint can collide
+with them): ``lock`` (an advisory ``flock`` through filelock, held for the whole run, so a
+second run on the same output is refused at once, and released by the kernel when a killed
+run dies), ``owner`` (who holds it), ``journal`` and ``tmp/`` (temporaries, unique per run).
+The journal lists every name the output may hold from gdnfuse (this plan's and any earlier
+run's) *before* ``overwrite`` removes anything, so an interrupted run or an interrupted
+clean-up never leaves stale shards behind a later ``overwrite``.
+
 Safety: an existing output file is never opened for writing. New bytes always go to a
 freshly created temporary file that is renamed over the old name, so an output file that
 is a hard link to a source file (``link`` mode) can never write through into the source.
@@ -26,18 +34,25 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.plan import Extent, OutputFile, Plan
 
-JOURNAL_NAME = ".gdnfuse-journal"
-TMP_SUFFIX = ".gdnfuse-tmp"
+STATE_DIR = ".gdnfuse"
+JOURNAL_NAME = f"{STATE_DIR}/journal"
+LOCK_NAME = f"{STATE_DIR}/lock"
+OWNER_NAME = f"{STATE_DIR}/owner"
+TMP_DIR = f"{STATE_DIR}/tmp"
 CHUNK = 64 << 20  # bytes per copy call: bounds latency of progress and cancellation
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -70,8 +85,34 @@ class FileResult:
     sha256: str | None
 
 
-def tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_SUFFIX}")
+def tmp_path(out: Path, name: str, run_id: str) -> Path:
+    """A temporary for output ``name``, unique to this run (never shared with another)."""
+    key = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return out / TMP_DIR / f"{run_id}-{key}"
+
+
+def _lock(out: Path) -> FileLock:
+    """Hold ``OUT/.gdnfuse/lock`` for the whole run, or refuse naming the run that holds it."""
+    try:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(e, out / STATE_DIR) from None
+    lock = FileLock(out / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            who = json.loads((out / OWNER_NAME).read_text())
+            holder = f"pid {who['pid']}, started {who['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "another process"
+        raise GdnfuseError(
+            f"another gdnfuse run ({holder}) is writing this output; wait for it or stop it",
+            path=str(out),
+        ) from None
+    owner = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / OWNER_NAME).write_text(json.dumps(owner) + "\n")
+    return lock
 
 
 def execute(
@@ -82,8 +123,12 @@ def execute(
     before_last: Callable[[Sequence[FileResult]], Sequence[OutputFile]] | None = None,
     stale: Iterable[str] = (),
     wait_for: WaitFn | None = None,
+    sources: Mapping[str, Any] | None = None,
 ) -> tuple[FileResult, ...]:
     """Write every file of ``plan`` under ``out_dir``; returns one result per file.
+
+    ``sources``: what identifies each source file (recorded in the journal; ``resume``
+    refuses when it changed, since the plan would then read other bytes).
 
     ``before_last`` may return more files (a manifest of the results so far); they are
     written after the bulk and before the plan's ``last`` files. ``stale``: files of an
@@ -92,8 +137,30 @@ def execute(
     can be written as soon as its own sources exist (sources still arriving).
     """
     out = Path(out_dir)
-    head = journal_head(plan, options)
+    head = journal_head(plan, options, sources)
+    _check_destination(out, options)
+    held = _lock(out)
+    try:
+        results = _execute(plan, out, options, head, progress, before_last, stale, wait_for)
+        (out / LOCK_NAME).unlink()  # done: the output holds nothing of gdnfuse's state
+        (out / STATE_DIR).rmdir()
+        return results
+    finally:
+        held.release()
+
+
+def _execute(
+    plan: Plan,
+    out: Path,
+    options: ExecuteOptions,
+    head: Mapping[str, Any],
+    progress: ProgressFn | None,
+    before_last: Callable[[Sequence[FileResult]], Sequence[OutputFile]] | None,
+    stale: Iterable[str],
+    wait_for: WaitFn | None,
+) -> tuple[FileResult, ...]:
     done = _prepare(out, plan, head, options, stale)
+    run_id = f"{os.getpid()}-{os.urandom(4).hex()}"
     journal = open(out / JOURNAL_NAME, "a")  # noqa: SIM115 - kept open for the whole run
     lock = threading.Lock()
     cancel = threading.Event()
@@ -110,7 +177,7 @@ def execute(
                     wait_for(source, cancel)
                 if cancel.is_set():
                     raise Cancelled()
-        result = _write_file(f, out, options, report, cancel)
+        result = _write_file(f, out, options, report, cancel, run_id)
         with lock:
             try:
                 journal.write(json.dumps({"done": f.name, "linked": result.linked,
@@ -126,56 +193,121 @@ def execute(
         results += [run(f) for f in [*extra, *(f for f in plan.files if f.last)]]
     finally:
         journal.close()
-    (out / JOURNAL_NAME).unlink()
+    if options.fsync:  # the renames themselves survive a power loss only once the dirs are
+        for d in sorted({(out / f.name).parent for f in plan.files}, key=str):
+            _fsync_dir(d)
+    for name in (JOURNAL_NAME, OWNER_NAME):
+        (out / name).unlink()
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
     order = {f.name: i for i, f in enumerate(plan.files)}
     return tuple(sorted(results, key=lambda r: order.get(r.name, len(order))))
 
 
-def journal_head(plan: Plan, options: ExecuteOptions) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one: the plan (every output byte)
-    and the options that decide how files are made (linked or copied, hashed or not)."""
-    return {"fingerprint": plan.fingerprint(), "link": options.link, "checksum": options.checksum}
+def journal_head(
+    plan: Plan, options: ExecuteOptions, sources: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the plan (every output byte),
+    the options that decide how files are made (linked or copied, hashed or not) and the
+    identity of every source file."""
+    return {"fingerprint": plan.fingerprint(), "link": options.link,
+            "checksum": options.checksum, "sources": dict(sources or {})}  # fmt: skip
+
+
+def _read_journal(out: Path) -> tuple[dict[str, Any], set[str], dict[str, dict]]:
+    """Head, every name gdnfuse may have written here, and the ``done`` entries."""
+    try:
+        lines = (out / JOURNAL_NAME).read_text().splitlines()
+    except OSError:
+        return {}, set(), {}
+    head: dict[str, Any] = {}
+    owned: set[str] = set()
+    done: dict[str, dict] = {}
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut by the kill: that file is redone
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if i == 0:
+            head = entry
+        elif isinstance(entry.get("owned"), list):
+            owned |= {n for n in entry["owned"] if isinstance(n, str)}
+        elif isinstance(entry.get("done"), str):
+            done[entry["done"]] = entry
+            owned.add(entry["done"])
+    return head, owned, done
 
 
 def finished_files(out: Path, expected_head: Mapping[str, Any]) -> dict[str, dict]:
     """Files an interrupted run with this plan finished (journal entries whose file exists).
 
-    Raises when the journal belongs to another plan or options: resuming would mix outputs.
+    Raises when the journal belongs to another plan, options or source: resuming would mix
+    outputs.
     """
-    lines = (out / JOURNAL_NAME).read_text().splitlines()
-    try:
-        head = json.loads(lines[0]) if lines else {}
-    except ValueError:
-        head = {}
+    head, _, done = _read_journal(out)
     if head != dict(expected_head):
+        raise GdnfuseError(_resume_mismatch(head, expected_head), path=str(out))
+    return {name: e for name, e in done.items() if (out / name).is_file()}
+
+
+def _resume_mismatch(head: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+    """Say what differs between the interrupted run and this one."""
+    then, now = head.get("sources") or {}, want.get("sources") or {}
+    changed = sorted(p for p in set(then) & set(now) if then[p] != now[p])
+    if changed:
+        return (
+            f"--resume: source file {changed[0]} changed since the interrupted run (size, "
+            "mtime, inode or header differ), so the finished files may hold other bytes; "
+            "use --overwrite to start again"
+        )
+    for key, flag in (("link", "--link"), ("checksum", "--checksum")):
+        if key in head and head.get(key) != want.get(key):
+            return (
+                f"--resume with {flag}={want.get(key)} but the interrupted run used "
+                f"{flag}={head.get(key)}; rerun with the same options, or --overwrite"
+            )
+    return (
+        "--resume with different options or inputs than the interrupted run; "
+        "rerun with the same options, or use --overwrite to start again"
+    )
+
+
+def _entries(out: Path) -> list[str]:
+    """What is in ``out`` besides gdnfuse's own state directory."""
+    try:
+        return [n for n in os.listdir(out) if n != STATE_DIR]
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise GdnfuseError(f"cannot read: {e.strerror or e}", path=str(out)) from None
+
+
+def _check_destination(out: Path, options: ExecuteOptions) -> None:
+    """Refuse before creating anything (not even the lock) in a directory we must not touch."""
+    if out.exists() and not out.is_dir():
+        raise GdnfuseError("output exists and is not a directory", path=str(out))
+    if _entries(out) and not (options.overwrite or options.resume):
         raise GdnfuseError(
-            "--resume with different options or inputs than the interrupted run; "
-            "rerun with the same options, or use --overwrite to start again",
+            "output directory is not empty; pass --overwrite to replace it or --resume "
+            "to finish an interrupted run",
             path=str(out),
         )
-    done = {}
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut by the kill: that file is redone
-            continue
-        if (out / entry["done"]).is_file():
-            done[entry["done"]] = entry
-    return done
 
 
 def _prepare(
     out: Path, plan: Plan, head: Mapping[str, Any], options: ExecuteOptions, stale: Iterable[str]
 ) -> dict[str, dict]:
-    """Check the output directory against the options; returns files already done."""
+    """Check the output directory against the options (under the lock); returns files done."""
     journal = out / JOURNAL_NAME
-    if out.exists() and not out.is_dir():
-        raise GdnfuseError("output exists and is not a directory", path=str(out))
+    names = [f.name for f in plan.files]
     if options.resume and journal.is_file():
         done = finished_files(out, head)
         _remove_temporaries(out)
         return done
-    if out.is_dir() and any(out.iterdir()):
+    _, owned, _ = _read_journal(out)  # an interrupted run's files (or an interrupted clean-up's)
+    old = sorted((set(stale) | owned) - {JOURNAL_NAME, OWNER_NAME, LOCK_NAME})
+    if _entries(out):
         if options.resume:
             raise GdnfuseError(
                 "nothing to resume: no interrupted gdnfuse run here (use --overwrite to "
@@ -188,16 +320,17 @@ def _prepare(
                 "to finish an interrupted run",
                 path=str(out),
             )
-        # Unmark completion first: from here on the directory must not look finished.
-        for name in [*(f.name for f in plan.files if f.last), *stale]:
-            _remove_old(out, name)
-        _remove_temporaries(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        journal.write_text(json.dumps(dict(head)) + "\n")
+    try:  # name everything gdnfuse may leave here before removing any of it
+        owned = {"owned": sorted(set(names) | set(old))}
+        journal.write_text(json.dumps(dict(head)) + "\n" + json.dumps(owned) + "\n")
     except OSError as e:
         journal.unlink(missing_ok=True)
         raise _write_error(e, journal) from None
+    if options.overwrite:
+        # Unmark completion first: from here on the directory must not look finished.
+        for name in [*(f.name for f in plan.files if f.last), *old]:
+            _remove_old(out, name)
+    _remove_temporaries(out)
     return {}
 
 
@@ -222,8 +355,17 @@ def _remove_old(out: Path, name: str) -> None:
 
 
 def _remove_temporaries(out: Path) -> None:
-    for p in out.rglob(f"*{TMP_SUFFIX}"):
-        p.unlink(missing_ok=True)
+    """Every run's temporaries: safe under the lock, since no other run is alive."""
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    (out / TMP_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _run_parallel(
@@ -251,10 +393,15 @@ def _run_parallel(
 
 
 def _write_file(
-    f: OutputFile, out: Path, options: ExecuteOptions, report: ProgressFn, cancel: threading.Event
+    f: OutputFile,
+    out: Path,
+    options: ExecuteOptions,
+    report: ProgressFn,
+    cancel: threading.Event,
+    run_id: str,
 ) -> FileResult:
     final = out / f.name
-    tmp = tmp_path(final)
+    tmp = tmp_path(out, f.name, run_id)
     linked = False
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 INDEX = "model.safetensors.index.json"
-TMP_SUFFIX = ".gdnfuse-tmp"
-JOURNAL = ".gdnfuse-journal"
+STATE = ".gdnfuse"  # gdnfuse's own files in an output: lock, owner, journal, tmp/
+TMP_DIR = ".gdnfuse/tmp"
+JOURNAL = ".gdnfuse/journal"
 
 Header = dict[str, Any]
 
@@ -276,7 +277,8 @@ def listing(root: Path, skip: Sequence[str] = ()) -> set[str]:
 
 def leftovers(root: Path) -> list[str]:
     """Temporary files a run left under ``root``."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{TMP_SUFFIX}"))
+    tmp = root / TMP_DIR
+    return sorted(str(p.relative_to(root)) for p in tmp.rglob("*") if p.is_file())
 
 
 def dir_bytes(root: Path) -> int:

@@ -58,33 +58,39 @@ def test_tp1_every_output_served_identically_or_refused(moe: dict[str, Path]) ->
         assert verdict is Outcome.LOADS, name
     assert "outputs" in got["vllm"], "the --engine vllm output was refused"
     assert "gdnfuse_fused" in got["default"]["refused"]  # the stamp is what vLLM refuses
-    assert "in_proj_qkvzz" in got["sglang"]["refused"] or "qkvz" in got["sglang"]["refused"]
+    assert "in_proj_baa" in got["sglang"]["refused"] or "in_proj_qkvzz" in got["sglang"]["refused"]
     # Negative control: served, and served differently.
     assert "outputs" in got["planted"], got["planted"]
     assert not run.compare_generations(got["src"], got["planted"]).same
 
 
-def test_verify_engine_vllm_tp2(tmp_path: Path) -> None:
-    """`gdnfuse verify --engine vllm --tp 2` (r = 3): passes on the output, fails on a plant."""
+def test_tp2_engine_vllm_output_served_as_the_source(tmp_path: Path) -> None:
+    """TP 2 (two worker processes, nk / T = 2), r = 3: the --engine vllm output."""
     src = build(tmp_path / "src", moe=True, r=3, seed=1)
-    out = tmp_path / "out"
+    out = convert(src, tmp_path / "out", engine="vllm", tp=2, options=OPTS).out
+    res = run.vllm_generate([src, out], tp=2, prompts=run.prompts_for(512),
+                            python=engine_python())  # fmt: skip
+    cmp = run.compare_generations(res[str(src.resolve())], res[str(out.resolve())])
+    assert cmp.same, cmp.detail
+
+
+def test_verify_engine_vllm_catches_a_planted_layout(
+    moe: dict[str, Path], tmp_path: Path
+) -> None:
+    """`gdnfuse verify --engine vllm`: PASS on the output, FAIL on the planted fault, in the
+    report like any other check."""
     runner = CliRunner()
-    res = runner.invoke(app, ["convert", str(src), "--out", str(out), "--engine", "vllm",
-                              "--tp", "2", "--quiet"])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    plain = convert(src, tmp_path / "plain", engine="sglang", options=OPTS).out
-    planted = plant_rows(out, plain, tmp_path / "planted")
     env = {"GDNFUSE_ENGINE_PYTHON": engine_python()}
-    for path, want in ((out, 0), (planted, 1)):
-        report = tmp_path / f"{path.name}.json"
-        args = ["verify", str(path), "--against", str(src), "--engine", "vllm", "--tp", "2",
+    for name, want in (("vllm", "PASS"), ("planted", "FAIL")):
+        report = tmp_path / f"{name}.json"
+        args = ["verify", str(moe[name]), "--against", str(moe["src"]), "--engine", "vllm",
                 "--no-numeric", "--json", str(report)]  # fmt: skip
         res = runner.invoke(app, args, env=env)
-        assert res.exit_code in (0, 1), res.output
+        assert res.exit_code == (0 if want == "PASS" else 1), res.output
         check = next(c for c in json.loads(report.read_text())["checks"]
-                     if c["name"] == "engine.vllm.tp2")  # fmt: skip
-        assert check["status"] == ("PASS" if want == 0 else "FAIL"), check
-        if path == planted:
+                     if c["name"] == "engine.vllm.tp1")  # fmt: skip
+        assert check["status"] == want, check
+        if want == "FAIL":
             assert "differ" in check["detail"], check
 
 

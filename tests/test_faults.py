@@ -35,6 +35,8 @@ import pytest
 from corrupt import (
     INDEX,
     JOURNAL,
+    STATE,
+    TMP_DIR,
     Fault,
     append_garbage,
     cli,
@@ -326,11 +328,13 @@ def test_every_output_is_a_renamed_temporary_and_completion_comes_last(
     out = tmp_path / "out"
     api_convert(src.path, out, options=ExecuteOptions(workers=3, link=link))
     finals = [Path(dst).name for _, dst in write_opens.renames]
-    assert sorted(finals) == sorted(os.listdir(out))
-    assert all(Path(s).name == f".{Path(d).name}.gdnfuse-tmp" for s, d in write_opens.renames)
+    temps = [Path(s) for s, _ in write_opens.renames]
+    assert all(t.parent == out / TMP_DIR for t in temps) and len(set(temps)) == len(temps)
     assert finals[-3:] == [MANIFEST_NAME, "config.json", INDEX]
-    names = {Path(p).name for p in write_opens.written if Path(p).parent == out}
-    assert names <= {f".{n}.gdnfuse-tmp" for n in finals} | {JOURNAL}
+    written = {Path(p) for p in write_opens.written}
+    state = {out / STATE, out / JOURNAL, out / STATE / "owner", out / STATE / "lock"}
+    assert written <= {*temps, *state}, written
+    assert sorted(os.listdir(out)) == sorted(finals)  # the state directory is gone
 
 
 def _linked(out: Path, source: Path) -> set[str]:
@@ -392,7 +396,7 @@ def test_resume_after_kill_with_links_never_writes_into_the_source(
     lines = journal.read_text().splitlines(keepends=True)
     journal.write_text("".join(ln for ln in lines if not any(f'"{n}"' in ln for n in linked)))
     write_opens.watch(big.src)
-    with pytest.raises(GdnfuseError, match="different options"):  # --copy is another output
+    with pytest.raises(GdnfuseError, match="--link=False but the interrupted run used --link=True"):  # --copy is another output
         api_convert(big.src, out, options=ExecuteOptions(resume=True, link=False, workers=2))
     api_convert(big.src, out, options=ExecuteOptions(resume=True, link=True, workers=2))
     assert write_opens.hits == []
@@ -480,8 +484,8 @@ def test_disk_full_through_the_cli_is_one_clear_line(
     fs = small_fs("1m")
     real_check = gdnfuse.convert.check_free_space
 
-    def check_then_fill(out: Path, needed: int) -> None:
-        real_check(out, needed)
+    def check_then_fill(out: Path, needed: int, hint: bool = True) -> None:
+        real_check(out, needed, hint)
         fill(fs, 64 << 10)
 
     monkeypatch.setattr(gdnfuse.convert, "check_free_space", check_then_fill)

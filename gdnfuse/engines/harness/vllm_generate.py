@@ -9,14 +9,13 @@ is recorded with the error instead. The guard below is needed: vLLM spawns proce
 
 import argparse
 import json
-import sys
 
 
 def run(model: str, tp: int, prompts: list, max_tokens: int, top_k: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    print(f"GDNFUSE-BEGIN {model}", file=sys.stderr, flush=True)
+    print(f"GDNFUSE-BEGIN {model}", flush=True)  # vLLM logs to stdout; its workers too
     try:
         llm = LLM(model=model, tensor_parallel_size=tp, skip_tokenizer_init=True,
                   enforce_eager=True, max_model_len=128, dtype="bfloat16", seed=0)  # fmt: skip
