@@ -396,7 +396,8 @@ def test_resume_after_kill_with_links_never_writes_into_the_source(
     lines = journal.read_text().splitlines(keepends=True)
     journal.write_text("".join(ln for ln in lines if not any(f'"{n}"' in ln for n in linked)))
     write_opens.watch(big.src)
-    with pytest.raises(GdnfuseError, match="--link=False but the interrupted run used --link=True"):  # --copy is another output
+    # --copy is another output
+    with pytest.raises(GdnfuseError, match="--link=False but the interrupted run used --link=True"):
         api_convert(big.src, out, options=ExecuteOptions(resume=True, link=False, workers=2))
     api_convert(big.src, out, options=ExecuteOptions(resume=True, link=True, workers=2))
     assert write_opens.hits == []
