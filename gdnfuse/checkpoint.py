@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from gdnfuse.safetensors_file import SafetensorsHeader, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+MANIFEST_NAME = "gdnfuse-manifest.json"
+"""What ``convert`` writes beside the model: sizes and hashes of the files it wrote."""
 
 # Files a converted checkpoint must not carry along: weight duplicates in other formats
 # would still hold the split projections, and caches are not part of the model.
@@ -37,6 +40,7 @@ class Checkpoint:
     index: Mapping[str, Any] | None
     side_files: Mapping[str, int]  # relative path -> size, copied as they are
     ignored: tuple[str, ...] = ()  # *.safetensors the index does not name (not part of the model)
+    not_regular: tuple[str, ...] = ()  # FIFOs and other non-regular files: never read
 
     @property
     def tensors(self) -> dict[str, TensorRef]:
@@ -65,31 +69,85 @@ def _load_json(path: Path) -> Any:
         raise GdnfuseError(f"not valid JSON ({e})", path=str(path)) from None
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The regular files under a checkpoint folder, and what was passed over."""
+
+    files: list[str]
+    not_regular: list[str]  # FIFOs, sockets, devices: never read (a FIFO would block forever)
+
+
 def list_files(root: Path) -> list[str]:
     """Relative paths of regular files under ``root``, skipping caches and weight duplicates."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+    return walk(root).files
+
+
+def walk(root: Path) -> Listing:
+    """Regular files under ``root``, following symlinks to files and folders anywhere (a Hugging
+    Face snapshot is all symlinks), refusing a symlink loop, skipping caches, weight
+    duplicates, gdnfuse's own state folder and anything that is not a regular file."""
+    files, odd = [], []
+    ancestors: dict[str, frozenset[tuple[int, int]]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            raise GdnfuseError(f"cannot read: {e.strerror or e}", path=dirpath) from None
+        mine = ancestors.get(dirpath, frozenset()) | {(st.st_dev, st.st_ino)}
+        keep = []
+        for d in sorted(x for x in dirnames if x not in SKIPPED_DIRS):
+            full = os.path.join(dirpath, d)
+            try:
+                sd = os.stat(full)
+            except OSError as e:  # a dangling symlink to a folder
+                raise GdnfuseError(f"cannot read: {e.strerror or e}", path=full) from None
+            if (sd.st_dev, sd.st_ino) in mine:
+                raise GdnfuseError(
+                    "symlink loop: this folder leads back to one that contains it", path=full
+                )
+            ancestors[full] = mine
+            keep.append(d)
+        dirnames[:] = keep
         rel = Path(dirpath).relative_to(root)
         for f in sorted(filenames):
             if f.startswith(".") or f.endswith(SKIPPED_SUFFIXES):
                 continue
-            out.append(str(rel / f) if rel != Path(".") else f)
-    return out
+            name = str(rel / f) if rel != Path(".") else f
+            try:
+                regular = stat.S_ISREG(os.stat(os.path.join(dirpath, f)).st_mode)
+            except OSError as e:  # a dangling symlink (a deleted cache blob), permissions
+                where = str(root / name)
+                raise GdnfuseError(f"cannot read: {e.strerror or e}", path=where) from None
+            (files if regular else odd).append(name)
+    return Listing(files, odd)
+
+
+def _utf8(name: str, root: Path) -> str:
+    """A shard name must be UTF-8: the index (JSON text) names it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GdnfuseError(
+            "shard file name is not valid UTF-8, so the index (JSON) cannot name it; rename it",
+            path=str(root / name),
+        ) from None
+    return name
 
 
 def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
     """Read and cross-check a checkpoint directory's config, index and shard headers."""
     root = Path(root)
     if not root.is_dir():
-        raise GdnfuseError("not a directory", path=str(root))
+        raise GdnfuseError("does not exist" if not root.exists() else "not a directory",
+                           path=str(root))  # fmt: skip
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise GdnfuseError("no config.json: not a Hugging Face checkpoint", path=str(root))
     config = _load_json(config_path)
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(config_path))
-    files = list_files(root)
+    listing = walk(root)
+    files = listing.files
     index = _load_json(root / INDEX_NAME) if INDEX_NAME in files else None
     shard_names = sorted(f for f in files if f.endswith(".safetensors"))
     ignored: list[str] = []
@@ -121,7 +179,7 @@ def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
                 )
     if not shard_names:
         raise GdnfuseError("no *.safetensors files", path=str(root))
-    shards = {name: read_header(root / name) for name in shard_names}
+    shards = {_utf8(name, root): read_header(root / name) for name in shard_names}
     seen: dict[str, str] = {}  # tensor -> shard
     for name, header in shards.items():
         before = len(seen)
@@ -152,8 +210,12 @@ def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
             path=str(root / seen[unlisted[0]]),
             tensor=unlisted[0],
         )
-    side = {f: _size(root / f) for f in files if not f.endswith(".safetensors") and f != INDEX_NAME}
-    return Checkpoint(root, config, shards, index, side, tuple(ignored))
+    # A manifest of an earlier gdnfuse output describes that output, not this model.
+    own = [f for f in files if f == MANIFEST_NAME]
+    side = {f: _size(root / f) for f in files
+            if not f.endswith(".safetensors") and f not in (INDEX_NAME, MANIFEST_NAME)}  # fmt: skip
+    return Checkpoint(root, config, shards, index, side, (*ignored, *own),
+                      tuple(listing.not_regular))  # fmt: skip
 
 
 def _size(path: Path) -> int:

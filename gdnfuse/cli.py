@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -92,14 +93,27 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _summary_table(title: str, summary: dict[str, Any]) -> Table:
+def _value(key: str, value: Any) -> str:
+    """A summary value as a person reads it: sizes in units, dims as k=v, lists shortened."""
+    if key.startswith("bytes_") or key == "total_size":
+        return f"{_human(value)} ({value:,} B)"
+    if key == "layers":
+        return f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_shown(str(v)) for v in value)
+    return _shown(str(value))
+
+
+def _summary_table(title: str, summary: dict[str, Any]) -> Table | Text:
+    """A two-column table on a terminal; one ``key: value`` line each elsewhere (CI logs)."""
+    if not out.is_terminal:
+        lines = [title, *(f"  {k}: {_value(k, v)}" for k, v in summary.items())]
+        return Text("\n".join(lines))
     table = Table(title=Text(title), show_header=False)
     for key, value in summary.items():
-        if key.startswith("bytes_"):
-            value = f"{_human(value)} ({value:,} B)"
-        elif key == "layers":
-            value = f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
-        table.add_row(key, Text(str(value)))
+        table.add_row(key, Text(_value(key, value)))
     return table
 
 
@@ -117,9 +131,9 @@ def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: s
 
 
 def _is_hub_source(source: str) -> bool:
-    from gdnfuse.hub import is_repo_id  # the module imports huggingface_hub lazily
+    from gdnfuse.convert import is_hub_source
 
-    return not Path(source).is_dir() and is_repo_id(source)
+    return is_hub_source(source)
 
 
 RevisionOpt = Annotated[
@@ -176,7 +190,7 @@ def inspect(
         return
     rest = {k: v for k, v in summary.items() if k != "engines"}
     if rest:
-        out.print(_summary_table(f"gdnfuse inspect {source}", rest))
+        out.print(_summary_table(f"gdnfuse inspect {source}", rest), soft_wrap=True)
     out.print(_engine_table(f"engines loading {source} as it is", found), soft_wrap=True)
 
 
@@ -274,26 +288,31 @@ def convert(
         else:
             path, record = _resolve(source, revision, cache_dir, token, headers_only=dry_run,
                                     out=None if dry_run else out_dir)  # fmt: skip
+        options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
+                                 checksum=checksum, fsync=fsync)  # fmt: skip
         if dry_run:
+            from gdnfuse.convert import preflight
+
             cplan = plan_source(path, layout, tp, record, arch, engine)
+            preflight(cplan, path, out_dir, options)  # the checks a real run makes first
             found = loaders.to_json(engines.judge_all(loaders.plan_facts(cplan)))
             if json_out:
                 summary = {**cplan.summary(), "engines": found}
                 print(json.dumps({"summary": summary, "record": cplan.record,
                                   "files": cplan.plan.to_json()}))  # fmt: skip
-            else:
-                out.print(_summary_table(f"plan for {out_dir} (dry run)", cplan.summary()))
+            elif not quiet:
+                out.print(_summary_table(f"plan for {out_dir} (dry run)", cplan.summary()),
+                          soft_wrap=True)
                 table = Table("output file", "size", "how")
                 for f in cplan.plan.files:
-                    how = "copy/link" if f.whole_source else (
-                        f"rewrite ({len(f.extents)} ranges)" if f.extents else "new")  # fmt: skip
-                    table.add_row(Text(f.name), _human(f.size), how)
+                    how = f.how + ("/link" if f.whole_source else "")
+                    if f.how == "rewrite":
+                        how = f"rewrite ({len(f.extents)} ranges)"
+                    table.add_row(Text(_shown(f.name)), _human(f.size), how)
                 out.print(table)
                 out.print(_engine_table(f"engines loading {out_dir} once written", found),
                           soft_wrap=True)
             return
-        options = ExecuteOptions(workers=workers, link=link, resume=resume, overwrite=overwrite,
-                                 checksum=checksum, fsync=fsync)  # fmt: skip
         show = not quiet and not json_out and err.is_terminal
         with _progress(show) as (on_plan, advance), _sigterm_interrupts():
             try:
@@ -303,17 +322,43 @@ def convert(
                     fetch=fetch, engine=engine,
                 )  # fmt: skip
             except KeyboardInterrupt:
+                again = ["gdnfuse", "convert", source, "--out", str(out_dir), "--resume"]
+                for flag, value, default in (
+                    ("--tp", tp, 1), ("--layout", layout, None), ("--engine", engine, None),
+                    ("--arch", arch, None), ("--revision", revision, None),
+                    ("--cache-dir", cache_dir, None),
+                ):  # fmt: skip
+                    if value != default:
+                        again += [flag, str(value)]
+                again += [f for f, on in (("--link", link), ("--checksum", checksum)) if on]
                 raise GdnfuseError(
                     "interrupted; nothing in the output looks complete. Finish with: "
-                    f"gdnfuse convert {source} --out {out_dir} --resume (same options)"
+                    + shlex.join(again)
                 ) from None
         found = loaders.to_json(engines.judge_all(loaders.read_facts(out_dir)))
     if json_out:
         print(json.dumps({**result.summary(), "engines": found}))
     elif not quiet:
-        out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()))
+        out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()),
+                  soft_wrap=True)
         out.print(_engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
+    _warn_skipped(result.summary())
     _warn_misreaders(found)
+
+
+def _warn_skipped(summary: dict[str, Any]) -> None:
+    """One stderr line for source files that were never read (FIFOs, sockets, devices)."""
+    odd = summary.get("not_regular_files")
+    if odd:
+        names = ", ".join(_shown(n) for n in odd[:5]) + (" ..." if len(odd) > 5 else "")
+        err.print(Text.assemble(("warning: ", "bold yellow"),
+                                f"skipped {len(odd)} source file(s) that are not regular files "
+                                f"(not a regular file: {names})"), soft_wrap=True)  # fmt: skip
+
+
+def _shown(name: str) -> str:
+    """A file name printable on any terminal (non-UTF-8 bytes as \\x escapes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _warn_misreaders(found: dict[str, dict[str, str]]) -> None:
@@ -381,16 +426,20 @@ def verify(
     layers: Annotated[
         str | None,
         typer.Option(
-            help="GDN layer numbers for the numeric check, e.g. 0,1,2 or 0-7 "
-            "(default: every GDN layer)."
+            help="GDN layers for the numeric check: decoder layer numbers, e.g. 0,1,2 or 0-7, "
+            "and mtp.0 (or mtp) for multi-token-prediction layers (default: every GDN layer)."
         ),
     ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")
+    json_out: JsonOpt = False,
+    report_path: Annotated[
+        Path | None, typer.Option("--report", help="Also write the report as JSON to this file.")
     ] = None,
     junit: Annotated[
         Path | None, typer.Option("--junit", help="Also write JUnit XML (for CI) to this file.")
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the verdict and any failure.")
+    ] = False,
     numeric: Annotated[
         bool, typer.Option("--numeric/--no-numeric", help="Run the float64 reference forward.")
     ] = True,
@@ -425,12 +474,10 @@ def verify(
 
     with _errors():
         numbers = _layer_numbers(layers) if layers is not None else None
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise GdnfuseError(f"--device {device!r}: use cpu or cuda")
         report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric,
                             device=device, engine=engine)  # fmt: skip
         for path, text in (
-            (json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
+            (report_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
             (junit, lambda: report.to_junit() + "\n"),
         ):
             if path is not None:
@@ -438,17 +485,28 @@ def verify(
                     path.write_text(text())
                 except OSError as e:
                     raise GdnfuseError(f"cannot write: {e.strerror or e}", path=str(path)) from None
-    out.print(report.table())
+    if json_out:
+        print(json.dumps(report.to_json()))
+    elif quiet:
+        lines = report.lines()
+        print("\n".join([lines[0], *(ln for ln in lines[1:] if ln.startswith("FAIL"))]))
+    elif out.is_terminal:
+        out.print(report.table())
+    else:  # a CI log: one plain line per check, never wrapped into table cells
+        print("\n".join(report.lines()))
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _layer_numbers(spec: str) -> list[int]:
-    """``0,1,5-7`` -> ``[0, 1, 5, 6, 7]``."""
-    numbers: list[int] = []
+def _layer_numbers(spec: str) -> list[int | str]:
+    """``0,1,5-7,mtp.0`` -> ``[0, 1, 5, 6, 7, "mtp.0"]`` (``mtp``: every mtp layer)."""
+    numbers: list[int | str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "mtp" or (part.startswith("mtp.") and part[4:].isdigit()):
+            numbers.append(part)
+            continue
         lo, dash, hi = part.partition("-")
         if not (lo.isdigit() and (not dash or hi.isdigit())):
-            raise GdnfuseError(f"--layers {spec!r}: expected numbers like 0,1,2 or 0-7")
+            raise GdnfuseError(f"--layers {spec!r}: expected numbers like 0,1,2 or 0-7, or mtp.0")
         numbers += range(int(lo), int(hi) + 1) if dash else [int(lo)]
     if not numbers:
         raise GdnfuseError(f"--layers {spec!r}: no layer numbers")
@@ -458,42 +516,132 @@ def _layer_numbers(spec: str) -> list[int]:
 @app.command()
 def demo(
     workdir: Annotated[
-        Path | None, typer.Option(help="Where to write the example (default: a temp dir).")
+        Path | None,
+        typer.Option(help="Where to write the example (default: a temporary folder, removed "
+                     "afterwards unless --keep)."),
     ] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the example files (and say where).")] = False,
     tp: TpOpt = 2,
 ) -> None:
-    """Convert and verify a built-in example checkpoint.
+    """Convert and verify a built-in example checkpoint, then say what to try next.
 
     Writes a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), converts it with --tp 2 in
-    both layouts, verifies each against the source, and shows the results.
+    both layouts and for sglang, verifies each against the source, and prints the commands
+    it ran so you can paste them.
     """
+    import shutil
+
     from gdnfuse.convert import convert as run_convert
     from gdnfuse.synthetic import write_checkpoint
 
-    root = Path(workdir or tempfile.mkdtemp(prefix="gdnfuse-demo-"))
-    src = write_checkpoint(root / "qwen3.5-tiny", "tiny", shard_bytes=200_000, dtype="BF16")
-    out.print(Text.assemble("wrote example checkpoint ", (str(src), "bold")))
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gdnfuse-demo-"))
     status = 0
-    for layout in Layout:
-        dst = root / f"fused-{layout}"
+    try:
         with _errors():
-            result = run_convert(src, dst, layout=layout, tp=tp,
-                                 options=ExecuteOptions(overwrite=True))  # fmt: skip
-        out.print(_summary_table(f"gdnfuse convert {src.name} --out {dst.name} --tp {tp} "
-                                 f"--layout {layout}", result.summary()))  # fmt: skip
-        status |= _demo_verify(dst, src, tp)
+            src = write_checkpoint(root / "qwen3.5-tiny", "tiny", shard_bytes=200_000,
+                                   dtype="BF16")  # fmt: skip
+            out.print(Text.assemble("wrote example checkpoint ", (str(src), "bold")))
+            for flags in (["--tp", str(tp)], ["--tp", str(tp), "--layout", "tp-blocked"],
+                          ["--tp", str(tp), "--engine", "sglang"]):  # fmt: skip
+                dst = root / f"fused{'-' + flags[-1] if len(flags) > 2 else ''}"
+                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {' '.join(flags)} "
+                               "--overwrite", style="bold"), soft_wrap=True)  # fmt: skip
+                kw = dict(zip(flags[0::2], flags[1::2], strict=True))
+                result = run_convert(src, dst, tp=tp, layout=kw.get("--layout"),
+                                     engine=kw.get("--engine"), overwrite=True)  # fmt: skip
+                out.print(_summary_table(f"converted {src.name} -> {dst.name}", result.summary()),
+                          soft_wrap=True)  # fmt: skip
+                out.print(Text(f"$ gdnfuse verify {dst} --against {src}", style="bold"),
+                          soft_wrap=True)  # fmt: skip
+                status |= _demo_verify(dst, src, tp)
+        verdict = "all conversions verified" if status == 0 else "a verification FAILED"
+        out.print(Text(f"\ndemo: {verdict}.", style="bold green" if status == 0 else "bold red"))
+        out.print("Next, on a real model (reads headers only):  gdnfuse inspect Qwen/Qwen3.5-27B",
+                  soft_wrap=True)  # fmt: skip
+        out.print("then:  gdnfuse convert Qwen/Qwen3.5-27B --out ./q35-sglang --engine sglang "
+                  "--tp 4", soft_wrap=True)  # fmt: skip
+    finally:
+        if keep or workdir:
+            out.print(f"example files kept in {root}", soft_wrap=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     raise typer.Exit(status)
 
 
 def _demo_verify(dst: Path, src: Path, tp: int) -> int:
     try:
         from gdnfuse.verify import verify as run_verify
-    except ImportError:  # verify needs torch; the converter does not
-        out.print("[yellow]verify skipped: torch is not installed[/]")
+
+        report = run_verify(dst, against=src, tp=None if dst.name.endswith("sglang") else tp)
+    except GdnfuseError as e:  # verify needs torch; the converter does not
+        out.print(Text(f"verify skipped: {e}", style="yellow"))
         return 0
-    report = run_verify(dst, against=src, tp=tp)
-    out.print(report.table())
+    out.print(report.table() if out.is_terminal else Text("\n".join(report.lines())),
+              soft_wrap=True)  # fmt: skip
     return 0 if report.ok else 1
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (must be new or empty).")],
+    preset: Annotated[
+        str,
+        typer.Option(help="Model shape: tiny, qwen3.5-0.8b, qwen3.5-9b, qwen3.5-27b, "
+                     "qwen3.5-35b-a3b, qwen3.5-397b-a17b."),
+    ] = "tiny",
+    layers: Annotated[
+        int | None, typer.Option(min=1, help="Number of decoder layers (default: the preset's).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="BF16, F16 or F32.")] = "BF16",
+    shard_size: Annotated[
+        str, typer.Option(help="Largest shard, e.g. 500MB, 5GB (as save_pretrained).")
+    ] = "5GB",
+    seed: Annotated[int, typer.Option(help="Random seed of the (finite) weights.")] = 0,
+) -> None:
+    """Write a Qwen3.5-shaped checkpoint with random weights: real key names, shards, index,
+    config and side files, for trying gdnfuse (and benchmarking it) without downloading.
+
+    Example: gdnfuse synth ./q35-27b-4l --preset qwen3.5-27b --layers 4
+    """
+    from gdnfuse.synthetic import PRESETS, write_checkpoint
+
+    with _errors():
+        if preset not in PRESETS:
+            raise GdnfuseError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        if dtype not in ("BF16", "F16", "F32"):
+            raise GdnfuseError(f"--dtype {dtype!r}: choose BF16, F16 or F32")
+        units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+        size = shard_size.upper().strip()
+        number, unit = size[:-2], size[-2:]
+        if unit not in units or not number.replace(".", "", 1).isdigit():
+            raise GdnfuseError(f"--shard-size {shard_size!r}: expected e.g. 500MB or 5GB")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise GdnfuseError("directory is not empty", path=str(out_dir))
+        # fast: random bytes at disk speed (finite values), as the benchmarks use
+        shard_bytes = int(float(number) * units[unit])
+        path = write_checkpoint(out_dir, preset, layers=layers, dtype=dtype, seed=seed,
+                                shard_bytes=shard_bytes, fast=True)  # fmt: skip
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    out.print(f"wrote {_human(size)} ({preset}, {layers or PRESETS[preset].layers} layers) "
+              f"to {path}", soft_wrap=True)  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        from gdnfuse import __version__
+
+        print(f"gdnfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Fuse Qwen3.5 GDN projections offline, bit for bit, and verify the result."""
 
 
 def main() -> None:

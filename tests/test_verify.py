@@ -81,7 +81,7 @@ def run(*args: Any) -> tuple[int, str, str]:
 
 def report_json(*args: Any, tmp: Path) -> tuple[int, dict[str, Any]]:
     path = tmp / "report.json"
-    code, _, _ = run(*args, "--json", path)
+    code, _, _ = run(*args, "--report", path)
     return code, json.loads(path.read_text())
 
 
@@ -501,11 +501,11 @@ def test_consumer_tp_the_record_cannot_serve(made: dict[str, Path], tmp_path: Pa
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing", "not a directory"),
+        ("missing", "does not exist"),
         ("no-config", "no config.json"),
         ("bad-tp", "does not divide"),
         ("bad-layers", "not a GDN layer"),
-        ("bad-against", "not a directory"),
+        ("bad-against", "does not exist"),
         ("against-fused", "already fused"),
     ],
 )

@@ -276,7 +276,7 @@ def test_qwen3_5_name_left_in_output(
 def test_qwen3_next_is_no_source(made: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """Verify reads qwen3_next outputs; conversion and --against still refuse them."""
     _, out = made["dense-text"]
-    with pytest.raises(GdnfuseError, match="is not a Qwen3.5 model"):
+    with pytest.raises(GdnfuseError, match="already fused"):
         convert(out, tmp_path / "again", options=ExecuteOptions(workers=1))
     code, _, stderr = run(made["moe-text"][1], "--against", out)
     assert code == 2 and "not a Qwen3.5 model" in stderr

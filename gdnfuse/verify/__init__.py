@@ -17,6 +17,7 @@ Bad input (not a checkpoint, ``--tp`` or ``--layers`` that cannot apply) raises
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -33,21 +34,39 @@ from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_num
 __all__ = ["CheckResult", "VerifyReport", "select_layers", "verify"]
 
 
-def select_layers(ck: FusedCheckpoint, layers: Iterable[int] | None) -> tuple[str, ...]:
-    """GDN layer prefixes to run numerically: all, or those with the given layer numbers."""
+def layer_key(prefix: str) -> int | str:
+    """How ``--layers`` names a GDN layer: its decoder number (``3``), or ``mtp.N`` for a
+    multi-token-prediction layer (numbered from 0 too, so a bare number never means it)."""
+    n = layer_number(prefix)
+    if prefix.startswith("mtp."):
+        return f"mtp.{n}"
+    return n if n is not None else prefix
+
+
+def select_layers(ck: FusedCheckpoint, layers: Iterable[int | str] | None) -> tuple[str, ...]:
+    """GDN layer prefixes to run numerically: all, or those named (``0``, ``mtp.0``, ``mtp``)."""
     all_layers = ck.gdn_layers
     if layers is None:
         return all_layers
-    wanted = sorted(set(layers))
-    numbers = {layer_number(p) for p in all_layers}
-    missing = [n for n in wanted if n not in numbers]
-    if missing:
-        have = ",".join(str(n) for n in sorted(x for x in numbers if x is not None))
+    have = {layer_key(p): p for p in all_layers}
+    wanted: set[int | str] = set()
+    missing = []
+    for item in layers:
+        if isinstance(item, str) and item.isdigit():
+            item = int(item)
+        if item == "mtp":
+            wanted |= {k for k in have if isinstance(k, str) and k.startswith("mtp.")}
+        elif isinstance(item, bool) or not isinstance(item, int | str) or item not in have:
+            missing.append(str(item))
+        else:
+            wanted.add(item)
+    if missing or not wanted:
+        names = ",".join(str(k) for k in have)
         raise GdnfuseError(
-            f"--layers {','.join(map(str, missing))}: not a GDN layer; GDN layers are {have}",
+            f"--layers {','.join(missing) or 'mtp'}: not a GDN layer; GDN layers are {names}",
             path=str(ck.root),
         )
-    return tuple(p for p in all_layers if layer_number(p) in wanted)
+    return tuple(p for p in all_layers if layer_key(p) in wanted)
 
 
 def verify(
@@ -55,7 +74,7 @@ def verify(
     *,
     against: str | os.PathLike[str] | None = None,
     tp: int | None = None,
-    layers: Iterable[int] | None = None,
+    layers: Iterable[int | str] | None = None,
     numeric: bool = True,
     device: str = "cpu",
     engine: str | None = None,
@@ -70,6 +89,10 @@ def verify(
     (default 1) and require the same result (:mod:`gdnfuse.verify.engine`); needs ``against``.
     """
     started = time.perf_counter()
+    if numeric or device != "cpu":
+        _need_torch(device)
+    if isinstance(layers, str | bytes):  # "0-1" would be iterated by character
+        raise GdnfuseError(f"layers={layers!r}: give a list, e.g. [0, 1, 'mtp.0']")
     layers = None if layers is None else list(layers)
     ck = open_fused(checkpoint_dir)
     if tp is not None:
@@ -109,7 +132,7 @@ def verify(
     settings = {
         "engine": engine,
         "tp": tp,
-        "layers": None if layers is None else sorted(set(layers)),
+        "layers": None if layers is None else sorted({str(x) for x in layers}),
         "numeric": numeric,
         "device": device,
     }
@@ -121,6 +144,28 @@ def verify(
         seconds=time.perf_counter() - started,
         settings=settings,
     )
+
+
+def _need_torch(device: str) -> None:
+    """One line, before any work, when the environment cannot run the requested checks."""
+    if importlib.util.find_spec("torch") is None:
+        raise GdnfuseError(
+            "the numeric check needs torch: pip install 'gdnfuse[verify]' (CPU-only machines: "
+            "pip install torch==2.13.0 or the CPU index first), or skip it with numeric=False "
+            "(--no-numeric)"
+        )
+    if device == "cpu":
+        return
+    if not (device == "cuda" or device.startswith("cuda:")):
+        raise GdnfuseError(f"device {device!r}: use cpu or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise GdnfuseError(
+            f"device {device!r}: torch {torch.__version__} ({build}) sees no CUDA device; "
+            "run on a GPU machine, or use device cpu"
+        )
 
 
 def check_gpu(

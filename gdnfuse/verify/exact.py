@@ -14,7 +14,7 @@ drop that :mod:`gdnfuse.verify.arch` rebuilds from the source's headers.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.fusion import RECORD_KEY
+from gdnfuse.fusion import RECORD_KEY, local_source
 from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, valid_tp
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
 from gdnfuse.quant import group_dims, rewrite_quantization_config
@@ -36,7 +36,7 @@ from gdnfuse.verify.arch import (
     expected_tensors,
     names_for,
 )
-from gdnfuse.verify.report import CheckResult, failed, outcome
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed
 from gdnfuse.verify.structure import FusedCheckpoint
 
 CHUNK = 16 << 20
@@ -122,12 +122,32 @@ def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
     )
     with Reader() as reader:
         return [
+            *_source(ck, src),
             *config,
             *_side_files(ck, src, reader),
             *_fused(ck, src, groups, model, names, reader),
             *_others(ck, src, groups, names, expected, reader),
             *([dropped_result(expected)] if names.relabelled else []),
         ]
+
+
+def _source(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
+    """One line first when ``--against`` is not the source the record names (then every
+    per-tensor failure below follows from that)."""
+    recorded = ck.raw_record.get("source") if isinstance(ck.raw_record, Mapping) else None
+    if not isinstance(recorded, Mapping) or not any(k.endswith("_sha256") for k in recorded):
+        return []  # a Hub source (repo id and commit) or an older record: nothing to compare
+    given = local_source(src)
+    if all(recorded.get(k) == v for k, v in given.items() if k.endswith("_sha256")):
+        return [passed("exact.source", f"--against is the recorded source ({given['name']})")]
+    key = next(k for k in given if k.endswith("_sha256"))
+    return [failed(
+        "exact.source",
+        f"--against is not the recorded source: the output was made from {recorded.get('name')!r} "
+        f"({key} {str(recorded.get(key))[:12]}...), --against is {given['name']!r} "
+        f"({given[key][:12]}...); the differences below follow from that",
+        file=CONFIG_NAME,
+    )]  # fmt: skip
 
 
 def _config(ck: FusedCheckpoint, src: Checkpoint, quantized: bool) -> list[CheckResult]:

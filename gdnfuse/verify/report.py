@@ -93,7 +93,23 @@ class VerifyReport:
 
     @property
     def failures(self) -> tuple[CheckResult, ...]:
+        """The checks that failed (the same list as ``failures`` in :meth:`to_json`)."""
         return tuple(c for c in self.checks if not c.ok)
+
+    def __bool__(self) -> bool:
+        """``if report:`` means every check passed (``ok``)."""
+        return self.ok
+
+    def lines(self) -> list[str]:
+        """One plain line per check, never wrapped: for CI logs and other non-terminals."""
+        verdict = "PASSED" if self.ok else f"FAILED ({len(self.failures)} failures)"
+        against = f" --against {self.against}" if self.against else ""
+        width = max((len(c.name) for c in self.checks), default=0)
+        out = [f"gdnfuse verify {self.checkpoint}{against}: {verdict}"]
+        for c in self.checks:
+            where = f" [{c.where}]" if c.where else ""
+            out.append(f"{c.status} {c.name:{width}}  {c.detail}{where}")
+        return out
 
     def table(self) -> Table:
         # Text, not markup: paths and tensor names may contain [brackets].
@@ -122,7 +138,7 @@ class VerifyReport:
             "record": dict(self.record) if self.record is not None else None,
             "settings": dict(self.settings),
             "seconds": round(self.seconds, 3),
-            "failures": len(self.failures),
+            "failures": [c.to_json() for c in self.failures],
             "checks": [c.to_json() for c in self.checks],
         }
 

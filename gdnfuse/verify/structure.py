@@ -72,6 +72,8 @@ class FusedCheckpoint:
     record_error: str | None
     stamped: bool = False
     """config.json carries gdnfuse's own model_type (``config`` is the unstamped one)."""
+    ignored: tuple[str, ...] = ()
+    """*.safetensors the index does not name: not part of the model, as for convert."""
 
     @cached_property
     def tensors(self) -> dict[str, TensorRef]:
@@ -127,7 +129,8 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     """Read what can be read; raises :class:`GdnfuseError` only when it is not a checkpoint."""
     root = Path(root)
     if not root.is_dir():
-        raise GdnfuseError("not a directory", path=str(root))
+        raise GdnfuseError("does not exist" if not root.exists() else "not a directory",
+                           path=str(root))  # fmt: skip
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         hint = (
@@ -146,6 +149,10 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     config = unstamp_config(config, RECORD_KEY)  # checks read it as the source declared it
     model = describe_config(config, str(config_path), families=OUTPUT_FAMILIES)
     names = tuple(f for f in list_files(root) if f.endswith(".safetensors"))
+    # Like convert (and loaders): with an index, only the shards it names are the model.
+    named = _indexed_shards(root / INDEX_NAME)
+    ignored = tuple(n for n in names if named is not None and n not in named)
+    names = tuple(n for n in names if n not in ignored)
     if not names:
         raise GdnfuseError("no *.safetensors files: not a checkpoint", path=str(root))
     shards, unreadable = {}, {}
@@ -157,7 +164,19 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     raw = config.get(RECORD_KEY)
     record, error = parse_record(raw, model.dims)
     return FusedCheckpoint(root, config, model, names, shards, unreadable, raw, record, error,
-                           stamped)  # fmt: skip
+                           stamped, ignored)  # fmt: skip
+
+
+def _indexed_shards(path: Path) -> set[str] | None:
+    """Shard names the index maps tensors to; None without a readable index (the structure
+    check reports a broken one)."""
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(weight_map, dict):
+        return None
+    return {v for v in weight_map.values() if isinstance(v, str)}
 
 
 def check_structure(ck: FusedCheckpoint) -> list[CheckResult]:
@@ -178,11 +197,17 @@ def _headers(ck: FusedCheckpoint) -> list[CheckResult]:
         failed("structure.header", e.reason, tensor=e.tensor, file=name)
         for name, e in ck.unreadable.items()
     ]
+    left_out = (
+        f"; not part of the model (the index does not name them, so convert and loaders leave "
+        f"them out): {', '.join(ck.ignored)}"
+        if ck.ignored
+        else ""
+    )
     return outcome(
         "structure.header",
         fails,
         f"{len(ck.shards)} shard headers valid: within the file, offsets contiguous with no holes "
-        "or overlaps, byte lengths = shape x dtype",
+        f"or overlaps, byte lengths = shape x dtype{left_out}",
     )
 
 
