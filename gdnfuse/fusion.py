@@ -13,7 +13,6 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gdnfuse import __version__
@@ -237,16 +236,26 @@ def plan_conversion(
     )  # fmt: skip
 
 
+SAMPLE = 64 << 10  # bytes read from each end of every shard's data for the fingerprint
+
+
 def local_source(ckpt: Checkpoint) -> dict[str, str]:
     """What identifies a local source without leaking the machine's paths into published
-    outputs: the folder's name and the sha256 of its index (of config.json without one)."""
-    ident = ckpt.root / (INDEX_NAME if ckpt.index is not None else CONFIG_NAME)
-    return {"name": ckpt.root.resolve().name, f"{ident.name}_sha256": _sha256(ident)}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    outputs: the folder's name and a content fingerprint (config.json, the index, every shard
+    header and the first and last 64 KiB of its data: cheap, and two models of one shape
+    differ in it)."""
+    h = hashlib.sha256()
+    for name in (CONFIG_NAME, INDEX_NAME):
+        if (ckpt.root / name).is_file():
+            h.update((ckpt.root / name).read_bytes())
+    for shard, header in sorted(ckpt.shards.items()):
+        with open(ckpt.root / shard, "rb") as f:
+            h.update(f.read(header.data_start))
+            data = header.file_size - header.data_start
+            h.update(f.read(min(SAMPLE, data)))
+            f.seek(max(header.data_start, header.file_size - SAMPLE))
+            h.update(f.read(SAMPLE))
+    return {"name": ckpt.root.resolve().name, "fingerprint_sha256": h.hexdigest()}
 
 
 def refuse_fused(ckpt: Checkpoint) -> dict[str, TensorRef]:

@@ -674,7 +674,7 @@ def test_resume_after_interruption_gives_clean_bytes(
     code, _, stderr = cli(
         "convert", src, "--out", out, "--layout", "tp-blocked", "--tp", "4", "--resume"
     )
-    assert code == 2 and "different options" in stderr
+    assert code == 2 and "--tp 4 but the interrupted run used --tp 2" in stderr
     code, _, stderr = cli(
         "convert", src, "--out", out, "--layout", "tp-blocked", "--tp", "2", "--resume", "--quiet"
     )

@@ -263,7 +263,7 @@ def test_resume_with_other_options_is_refused_and_changes_nothing(
     for other in (["--tp", "2"], ["--layout", "tp-blocked"]):
         proc = run_cli("convert", big.src, "--out", out, "--resume", *other)
         assert proc.returncode == 2, proc.stderr
-        assert "different options" in error_line(proc)
+        assert "but the interrupted run used" in error_line(proc)
         assert snapshot(out) == before
     proc = run_cli("convert", big.src, "--out", out, "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -235,7 +235,7 @@ def test_gated_and_private_repos_need_a_token_that_never_reaches_the_cdn(fake_hu
     line = _error_line(gdnfuse("inspect", "org/gated", env={**env, "HF_TOKEN": "hf_nope"}))
     assert "your token has not been granted access" in line
     line = _error_line(gdnfuse("inspect", "org/private", env=env))
-    assert "repository org/private not found" in line and "--token" in line
+    assert "no repository org/private was found" in line and "--token" in line
 
     n = len(fake_hub.requests())
     for repo in ("org/gated", "org/private"):
