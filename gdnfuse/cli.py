@@ -22,6 +22,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -390,6 +391,21 @@ def _sigterm_interrupts():
 
 
 @contextmanager
+def _steps(show: bool):
+    """verify's steps as a bar with the current step's name, on a terminal only."""
+    if not show:
+        yield None
+        return
+    bar = Progress("[progress.description]{task.description}", BarColumn(),
+                   "{task.completed}/{task.total} checks", TimeElapsedColumn(), console=err,
+                   transient=True)  # fmt: skip
+    task = bar.add_task("verify", total=None)
+    with bar:
+        yield lambda name, done, total: bar.update(task, description=name, completed=done,
+                                                   total=total)  # fmt: skip
+
+
+@contextmanager
 def _progress(show: bool):
     """A byte progress bar with throughput and ETA on a terminal; nothing otherwise."""
     if not show:
@@ -474,8 +490,10 @@ def verify(
 
     with _errors():
         numbers = _layer_numbers(layers) if layers is not None else None
-        report = run_verify(checkpoint, against=against, tp=tp, layers=numbers, numeric=numeric,
-                            device=device, engine=engine)  # fmt: skip
+        with _steps(err.is_terminal and not quiet and not json_out) as step:
+            report = run_verify(checkpoint, against=against, tp=tp, layers=numbers,
+                                numeric=numeric, device=device, engine=engine,
+                                progress=step)  # fmt: skip
         for path, text in (
             (report_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
             (junit, lambda: report.to_junit() + "\n"),
@@ -645,10 +663,29 @@ def _root(
 
 
 def main() -> None:
+    """Entry point: usage errors are one line too (``error: ...``, exit 2), not click's block."""
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except TyperException as e:  # click's usage errors (typer vendors click)
+        if not hasattr(e, "format_message"):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `gdnfuse` alone: the help, as it is
+            print(e.format_message())
+            sys.exit(getattr(e, "exit_code", 2))
+        message = " ".join(e.format_message().replace("Value error, ", "").split())
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: gdnfuse {ctx.info_name} --help)" if ctx and ctx.parent else ""
+        err.print(Text.assemble(("error: ", "bold red"), message + hint), highlight=False,
+                  soft_wrap=True)  # fmt: skip
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        err.print(Text.assemble(("error: ", "bold red"), "interrupted"), soft_wrap=True)
+        sys.exit(2)
     except BrokenPipeError:  # `gdnfuse ... | head`
         sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -229,3 +229,23 @@ def test_synth_and_naive_help(tmp_path: Path) -> None:
 def test_pytest_keeps_only_failed_tests_temporaries() -> None:
     opts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert opts["tmp_path_retention_policy"] == "failed"
+
+
+def test_usage_errors_are_one_line(src: Path, tmp_path: Path) -> None:
+    for args in (["convert", src], ["convert", src, "--out", tmp_path / "o", "--layout", "foo"],
+                 ["nope"]):  # fmt: skip
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert "Value error" not in lines[0] and "Usage:" not in lines[0]
+
+
+def test_verify_reports_progress_and_stays_quiet_off_a_terminal(src: Path, tmp_path: Path) -> None:
+    out = convert(src, tmp_path / "o").out
+    seen: list[tuple[str, int, int]] = []
+    verify(out, against=src, progress=lambda *step: seen.append(step))
+    assert [s[0].split(" (")[0] for s in seen] == ["structure", "exact bytes", "numeric forward"]
+    assert [s[1] for s in seen] == [0, 1, 2] and {s[2] for s in seen} == {3}
+    proc = run_cli("verify", out, "--against", src)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

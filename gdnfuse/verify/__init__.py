@@ -21,7 +21,7 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
@@ -30,6 +30,9 @@ from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import check_tp
 from gdnfuse.verify.report import CheckResult, VerifyReport, skipped
 from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_number, open_fused
+
+Progress = Callable[[str, int, int], None]
+"""``progress(step, done, total)``: a check is starting; ``done`` of ``total`` are finished."""
 
 __all__ = ["CheckResult", "VerifyReport", "select_layers", "verify"]
 
@@ -79,6 +82,7 @@ def verify(
     device: str = "cpu",
     engine: str | None = None,
     engine_python: str | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Run every check on the converted checkpoint in ``checkpoint_dir``.
 
@@ -87,7 +91,9 @@ def verify(
     ``layers``: layer numbers for the numeric check (default: every GDN layer).
     ``engine``: also load source and output in that engine (``vllm``, ``sglang``) at ``tp``
     (default 1) and require the same result (:mod:`gdnfuse.verify.engine`); needs ``against``.
+    ``progress(step, done, total)`` is told each step as it starts (the CLI shows a bar).
     """
+    tell = progress or (lambda step, done, total: None)
     started = time.perf_counter()
     if numeric or device != "cpu":
         _need_torch(device)
@@ -110,16 +116,25 @@ def verify(
             raise GdnfuseError("--against is the checkpoint itself", path=str(against))
         src = open_checkpoint(against)
 
+    total = 1 + (src is not None) + numeric + (engine is not None)
+    step = iter(range(total))
+
+    def begin(name: str) -> None:
+        tell(name, next(step), total)
+
+    begin("structure")
     checks: list[CheckResult] = check_structure(ck)
     if src is not None:
         from gdnfuse.verify.exact import check_exact
 
+        begin("exact bytes")
         checks += check_exact(ck, src)
     else:
         checks.append(skipped("exact", "no --against: bytes not compared with the source"))
     if numeric:
         from gdnfuse.verify.numeric import check_numeric
 
+        begin(f"numeric forward ({len(selected)} GDN layers, float64)")
         checks += check_numeric(ck, src, selected, tp=tp, device=device)
         if device != "cpu":
             checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
@@ -128,6 +143,7 @@ def verify(
     if engine is not None:
         from gdnfuse.verify.engine import check_engine
 
+        begin(f"engine {engine} (loads source and output)")
         checks += check_engine(ck.root, against, engine, tp or 1, engine_python)
     settings = {
         "engine": engine,
