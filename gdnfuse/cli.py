@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gdnfuse.arch import Arch
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, Interrupted
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 
@@ -332,7 +332,7 @@ def convert(
                     if value != default:
                         again += [flag, str(value)]
                 again += [f for f, on in (("--link", link), ("--checksum", checksum)) if on]
-                raise GdnfuseError(
+                raise Interrupted(
                     "interrupted; nothing in the output looks complete. Finish with: "
                     + shlex.join(again)
                 ) from None

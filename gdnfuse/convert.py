@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, OutputError
 from gdnfuse.executor import (
     JOURNAL_NAME,
     ExecuteOptions,
@@ -302,7 +302,7 @@ def preflight(
     check_output_dir(out, options)
     probe = _existing(out)
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise GdnfuseError("not writable (permission denied)", path=str(probe))
+        raise OutputError("not writable (permission denied)", path=str(probe))
     new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
     stale = sorted(_previous_outputs(out) - new_names) if options.overwrite else []
     identity = {} if fetched else source_identity(cplan.plan)
@@ -385,7 +385,7 @@ def check_free_space(out: Path, needed: int, hint: bool = True) -> None:
     probe = _existing(out)
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise GdnfuseError(
+        raise OutputError(
             f"not enough free space: needs {_size(needed)} but only {_size(free)} are free on "
             "that filesystem"
             + (" (consider --link to hard-link untouched shards)" if hint else ""),

@@ -46,7 +46,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, OutputError
 from gdnfuse.plan import Extent, OutputFile, Plan
 
 STATE_DIR = ".gdnfuse"
@@ -112,7 +112,7 @@ def _held(out: Path) -> GdnfuseError:
         holder = f"pid {who['pid']}, started {who['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         holder = "another process"
-    return GdnfuseError(
+    return OutputError(
         f"another gdnfuse run ({holder}) is writing this output; wait for it or stop it",
         path=str(out),
     )
@@ -355,12 +355,12 @@ def _nothing_to_resume(out: Path) -> str:
 def check_output_dir(out: Path, options: ExecuteOptions) -> None:
     """Refuse before creating anything (not even the lock) in a directory we must not touch."""
     if out.exists() and not out.is_dir():
-        raise GdnfuseError("output exists and is not a directory", path=str(out))
+        raise OutputError("output exists and is not a directory", path=str(out))
     _refuse_if_held(out)
     if _entries(out) and options.resume and not (out / JOURNAL_NAME).is_file():
-        raise GdnfuseError(_nothing_to_resume(out), path=str(out))
+        raise OutputError(_nothing_to_resume(out), path=str(out))
     if _entries(out) and not (options.overwrite or options.resume):
-        raise GdnfuseError(
+        raise OutputError(
             "output directory is not empty; pass --overwrite to replace it or --resume "
             "to finish an interrupted run",
             path=str(out),
@@ -498,11 +498,11 @@ def _write_file(
 def _write_error(e: OSError, path: Path) -> GdnfuseError:
     """One clear line for a failed write; a full disk says how to finish the run."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return GdnfuseError(
+        return OutputError(
             "no space left on the device (ENOSPC); free space and rerun with --resume",
             path=str(path),
         )
-    return GdnfuseError(f"cannot write: {e.strerror or e}", path=str(path))
+    return OutputError(f"cannot write: {e.strerror or e}", path=str(path))
 
 
 def _try_link(source: str, tmp: Path) -> bool:

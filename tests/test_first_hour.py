@@ -249,3 +249,19 @@ def test_verify_reports_progress_and_stays_quiet_off_a_terminal(src: Path, tmp_p
     assert [s[1] for s in seen] == [0, 1, 2] and {s[2] for s in seen} == {3}
     proc = run_cli("verify", out, "--against", src)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_error_classes_a_caller_can_catch(src: Path, tmp_path: Path) -> None:
+    from gdnfuse.errors import CheckFailed, OutputError
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        convert(src, full)
+    out = convert(src, tmp_path / "o").out
+    config = json.loads((out / "config.json").read_text())
+    config["gdnfuse"]["layout"] = "nonsense"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckFailed, match="structure.record"):
+        verify(out, numeric=False).raise_for_failures()

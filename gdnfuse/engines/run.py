@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, SetupError
 
 HARNESS = Path(__file__).parent / "harness"
 STUBS = HARNESS / "stubs"
@@ -47,11 +47,11 @@ def engine_python(name: str, python: str | os.PathLike[str] | None = None) -> st
     chosen = python or os.environ.get("GDNFUSE_ENGINE_PYTHON")
     if chosen:
         if not Path(chosen).exists():
-            raise GdnfuseError("engine Python does not exist", path=str(chosen))
+            raise SetupError("engine Python does not exist", path=str(chosen))
         return str(chosen)
     if importlib.util.find_spec(RUNNABLE[name]) is not None:
         return sys.executable
-    raise GdnfuseError(
+    raise SetupError(
         f"{name} is not installed: pip install 'gdnfuse[{name}]', or set GDNFUSE_ENGINE_PYTHON "
         f"to a Python that has it"
     )

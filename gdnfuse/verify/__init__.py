@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, open_checkpoint
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, SetupError
 from gdnfuse.layout import check_tp
 from gdnfuse.verify.report import CheckResult, VerifyReport, skipped
 from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_number, open_fused
@@ -165,7 +165,7 @@ def verify(
 def _need_torch(device: str) -> None:
     """One line, before any work, when the environment cannot run the requested checks."""
     if importlib.util.find_spec("torch") is None:
-        raise GdnfuseError(
+        raise SetupError(
             "the numeric check needs torch: pip install 'gdnfuse[verify]' (CPU-only machines: "
             "pip install torch==2.13.0 or the CPU index first), or skip it with numeric=False "
             "(--no-numeric)"
@@ -178,7 +178,7 @@ def _need_torch(device: str) -> None:
 
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-        raise GdnfuseError(
+        raise SetupError(
             f"device {device!r}: torch {torch.__version__} ({build}) sees no CUDA device; "
             "run on a GPU machine, or use device cpu"
         )

@@ -96,6 +96,15 @@ class VerifyReport:
         """The checks that failed (the same list as ``failures`` in :meth:`to_json`)."""
         return tuple(c for c in self.checks if not c.ok)
 
+    def raise_for_failures(self) -> None:
+        """Raise :class:`~gdnfuse.errors.CheckFailed` naming the first failure, if any."""
+        if self.failures:
+            from gdnfuse.errors import CheckFailed
+
+            first = self.failures[0]
+            raise CheckFailed(f"{len(self.failures)} check(s) failed; first: {first.name}: "
+                              f"{first.detail}", path=first.file, tensor=first.tensor)  # fmt: skip
+
     def __bool__(self) -> bool:
         """``if report:`` means every check passed (``ok``)."""
         return self.ok
