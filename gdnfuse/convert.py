@@ -32,9 +32,10 @@ from gdnfuse.executor import (
     check_output_dir,
     execute,
     finished_files,
+    fs_block,
     journal_head,
 )
-from gdnfuse.fusion import ConversionPlan, plan_conversion, refuse_fused
+from gdnfuse.fusion import CLONE_BLOCK, ConversionPlan, plan_conversion, refuse_fused
 from gdnfuse.layout import Layout, check_tp
 from gdnfuse.model import describe_config
 from gdnfuse.plan import OutputFile, Plan
@@ -46,6 +47,10 @@ class ConvertResult:
     out: Path
     files: tuple[FileResult, ...]
     seconds: float
+    bytes_allocated: int = 0
+    """New blocks the output took on its filesystem (free space before minus after, so other
+    writers on that filesystem count too): far below ``bytes_written`` where the
+    filesystem cloned source blocks (XFS with reflink, btrfs)."""
 
     @property
     def bytes_linked(self) -> int:
@@ -62,6 +67,7 @@ class ConvertResult:
             seconds=round(self.seconds, 3),
             bytes_written=self.bytes_written,
             bytes_linked=self.bytes_linked,
+            bytes_allocated=self.bytes_allocated,
             files_resumed=sum(f.resumed for f in self.files),
             throughput_mb_s=round(self.bytes_written / max(self.seconds, 1e-9) / 1e6, 1),
         )
@@ -137,6 +143,7 @@ def plan_source(
     record_source: Mapping[str, Any] | None = None,
     arch: Arch | str | None = None,
     engine: str | None = None,
+    block: int = CLONE_BLOCK,
 ) -> ConversionPlan:
     """Plan the conversion of a local checkpoint directory (reads headers only).
 
@@ -151,7 +158,7 @@ def plan_source(
         ckpt = open_checkpoint(source)
         out = resolve_output(ckpt, layout, tp, arch, engine)
         return plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
-                               stamp=out.stamp, serves=out.serves)  # fmt: skip
+                               stamp=out.stamp, serves=out.serves, block=block)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,7 @@ def convert(
         from gdnfuse import hub
 
         source, record_source = hub.fetch(str(source), revision=revision, out=Path(out))
-    cplan = plan_source(source, layout, tp, record_source, arch, engine)
+    cplan = plan_source(source, layout, tp, record_source, arch, engine, block=fs_block(Path(out)))
     if fetch is not None:
         cplan = relocate(cplan, Path(source), fetch.root)
     settings = {"--tp": tp, "--layout": str(cplan.layout), "--engine": engine,
@@ -280,6 +287,7 @@ def convert(
 
     if fetch is not None:
         fetch.start(cplan.plan)
+    free_before = _free_bytes(out_path)
     try:
         files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
                         stale=[MANIFEST_NAME, *stale],
@@ -289,7 +297,13 @@ def convert(
         if fetch is not None:
             fetch.stop()
         raise
-    return ConvertResult(cplan, out_path, files, time.perf_counter() - started)
+    allocated = max(0, free_before - _free_bytes(out_path))
+    return ConvertResult(cplan, out_path, files, time.perf_counter() - started, allocated)
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(_existing(path))
+    return st.f_bfree * st.f_frsize
 
 
 def preflight(

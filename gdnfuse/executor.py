@@ -430,6 +430,17 @@ def _remove_temporaries(out: Path) -> None:
     (out / TMP_DIR).mkdir(parents=True, exist_ok=True)
 
 
+def fs_block(path: Path) -> int:
+    """Block size of the filesystem holding ``path`` (or its nearest existing parent)."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.statvfs(probe).f_bsize or 4096
+    except OSError:
+        return 4096
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -481,7 +492,7 @@ def _write_file(
         if linked:
             report(f.size)
         else:
-            _assemble(f, tmp, options.fsync, report, cancel)
+            _assemble(f, tmp, options.fsync, report, cancel, fs_block(out))
         digest = _sha256(tmp) if options.checksum else None
         os.replace(tmp, final)
         # rename(2) does nothing when both names are links to one inode (re-linking over an
@@ -516,7 +527,12 @@ def _try_link(source: str, tmp: Path) -> bool:
 
 
 def _assemble(
-    f: OutputFile, tmp: Path, fsync: bool, report: ProgressFn, cancel: threading.Event
+    f: OutputFile,
+    tmp: Path,
+    fsync: bool,
+    report: ProgressFn,
+    cancel: threading.Event,
+    block: int = 4096,
 ) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -530,7 +546,7 @@ def _assemble(
             for extent in f.extents:
                 if extent.source not in sources:
                     sources[extent.source] = _open_source(extent.source)
-                _copy_extent(sources[extent.source], fd, extent, position, report, cancel)
+                _copy_extent(sources[extent.source], fd, extent, position, report, cancel, block)
                 position += extent.length
         finally:
             for sfd in sources.values():
@@ -549,14 +565,43 @@ def _open_source(path: str) -> int:
 
 
 def _copy_extent(
-    src: int, dst: int, e: Extent, dst_offset: int, report: ProgressFn, cancel: threading.Event
+    src: int,
+    dst: int,
+    e: Extent,
+    dst_offset: int,
+    report: ProgressFn,
+    cancel: threading.Event,
+    block: int = 4096,
 ) -> None:
-    offset, remaining = e.offset, e.length
+    """Copy one extent. When it lands congruent to its source modulo the block size, it is
+    copied as head / whole blocks / tail: copy_file_range clones (XFS, btrfs, OpenZFS 2.2+)
+    only a request whose offsets and length are all block multiples, and copies the rest
+    as any other filesystem does."""
+    head = -dst_offset % block if (dst_offset - e.offset) % block == 0 else e.length
+    middle = (e.length - min(head, e.length)) // block * block
+    pieces = (min(head, e.length), middle, e.length - min(head, e.length) - middle)
+    offset = e.offset
+    for n in pieces:
+        if n:
+            _copy_range(src, dst, e, offset, dst_offset, n, report, cancel)
+            offset, dst_offset = offset + n, dst_offset + n
+
+
+def _copy_range(
+    src: int,
+    dst: int,
+    e: Extent,
+    offset: int,
+    dst_offset: int,
+    remaining: int,
+    report: ProgressFn,
+    cancel: threading.Event,
+) -> None:
     use_kernel = True
     while remaining:
         if cancel.is_set():
             raise Cancelled()
-        n = min(remaining, CHUNK)
+        n = min(remaining, CHUNK)  # CHUNK is a multiple of every block size: clones stay whole
         if use_kernel:
             try:
                 copied = os.copy_file_range(src, dst, n, offset, dst_offset)

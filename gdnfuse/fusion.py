@@ -30,13 +30,15 @@ from gdnfuse.model import (
     find_gdn_groups,
     is_fused_gdn_key,
 )
-from gdnfuse.plan import Extent, OutputFile, Plan, coalesce_extents
+from gdnfuse.plan import Extent, OutputFile, Plan, clonable_bytes, coalesce_extents
 from gdnfuse.quant import block_rows, check_quantization, group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import encode_header
 
 RECORD_KEY = "gdnfuse"
 """Key of the layout record in config.json; shard metadata uses ``gdnfuse.<field>``."""
 RECORD_FORMAT = 1
+CLONE_BLOCK = 4096
+"""Block size assumed when planning without a filesystem to ask (XFS and btrfs default)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,13 @@ class ConversionPlan:
         return sum(f.size for f in self.plan.files if f.name in self.rewritten)
 
     @property
+    def bytes_clonable(self) -> int:
+        """Bytes a copy-on-write filesystem (XFS, btrfs; 4 KiB blocks) can share with the
+        source instead of writing: whole untouched shards and the congruent blocks of the
+        rewritten ones."""
+        return sum(clonable_bytes(f, CLONE_BLOCK) for f in self.plan.files)
+
+    @property
     def bytes_untouched(self) -> int:
         return sum(f.size for f in self.plan.files if f.name in self.untouched)
 
@@ -90,6 +99,7 @@ class ConversionPlan:
             "bytes_rewritten": self.bytes_rewritten,
             "bytes_untouched": self.bytes_untouched,
             "bytes_total": self.plan.total_bytes,
+            "bytes_clonable": self.bytes_clonable,
             "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
             **({"arch": dict(self.arch)} if self.arch else {}),
             **({"ignored_files": list(self.ignored)} if self.ignored else {}),
@@ -106,6 +116,7 @@ def plan_conversion(
     *,
     stamp: bool = False,
     serves: Mapping[str, Any] | None = None,
+    block: int | None = CLONE_BLOCK,
 ) -> ConversionPlan:
     """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit.
 
@@ -114,6 +125,9 @@ def plan_conversion(
     ``stamp`` gives config.json gdnfuse's own model_type and architectures, so that engines
     which would misread the rows refuse instead (:func:`gdnfuse.engines.stamp_config`).
     ``serves`` is recorded as the record's ``engine`` entry (what the output was made for).
+    ``block``: the output filesystem's block size; each rewritten shard's header is padded
+    so that its data starts at its source's data start modulo ``block`` whenever that lets
+    more bytes be cloned on a copy-on-write filesystem (None: never pad).
     """
     gdn = refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
@@ -210,7 +224,7 @@ def plan_conversion(
         kept = {k: v for k, v in (header.metadata or {}).items()
                 if not k.startswith(f"{RECORD_KEY}.")}  # fmt: skip
         metadata = {**kept, "format": "pt", **shard_meta}
-        files.append(OutputFile(shard, encode_header(entries, metadata), coalesce_extents(extents)))
+        files.append(_congruent(shard, entries, metadata, coalesce_extents(extents), header, block))
         rewritten.append(shard)
 
     side = [f for f in ckpt.side_files if f != CONFIG_NAME]
@@ -237,6 +251,24 @@ def plan_conversion(
 
 
 SAMPLE = 64 << 10  # bytes read from each end of every shard's data for the fingerprint
+
+
+def _congruent(
+    shard: str,
+    entries: list[tuple[str, str, tuple[int, ...], int]],
+    metadata: Mapping[str, str],
+    extents: tuple[Extent, ...],
+    source: Any,
+    block: int | None,
+) -> OutputFile:
+    """The rewritten shard, its header padded to the source's data phase when that makes more
+    of its bytes congruent to their sources (cloneable); today's layout otherwise."""
+    plain = OutputFile(shard, encode_header(entries, metadata), extents)
+    if not block:
+        return plain
+    phase = source.data_start % block
+    padded = OutputFile(shard, encode_header(entries, metadata, (block, phase)), extents)
+    return padded if clonable_bytes(padded, block) > clonable_bytes(plain, block) else plain
 
 
 def local_source(ckpt: Checkpoint) -> dict[str, str]:

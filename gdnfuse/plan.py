@@ -98,6 +98,18 @@ class Plan:
         ]
 
 
+def clonable_bytes(f: OutputFile, block: int) -> int:
+    """Bytes of ``f`` a copy-on-write filesystem with ``block``-byte blocks can share with its
+    sources: the whole blocks of every extent that lands congruent to its source offset."""
+    total, position = 0, len(f.prefix)
+    for e in f.extents:
+        if (position - e.offset) % block == 0:
+            head = -position % block
+            total += max(0, e.length - head) // block * block
+        position += e.length
+    return total
+
+
 def coalesce_extents(extents: Iterable[Extent]) -> tuple[Extent, ...]:
     """Merge extents that continue each other in the same file: one copy call, not many."""
     out: list[Extent] = []

@@ -232,12 +232,16 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 def encode_header(
     tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
     metadata: Mapping[str, str] | None,
+    data_phase: tuple[int, int] | None = None,
 ) -> bytes:
     """Header bytes (length prefix included) for tensors laid out in the given order.
 
     ``tensors`` yields ``(name, dtype, shape, nbytes)``; offsets follow from the order.
     The JSON is padded with spaces to a multiple of 8 bytes, as the official writer does,
-    so the data buffer stays aligned.
+    so the data buffer stays aligned. ``data_phase=(block, phase)`` pads further (spaces,
+    which the format allows) so that the data starts at ``phase`` modulo ``block``: a
+    rewritten shard then keeps its source's tensors at offsets congruent to theirs, which
+    copy-on-write filesystems can clone instead of copy (see :mod:`gdnfuse.executor`).
     """
     obj: dict[str, object] = {}
     if metadata:
@@ -252,4 +256,8 @@ def encode_header(
         offset += nbytes
     raw = json.dumps(obj, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if data_phase is not None:
+        block, phase = data_phase
+        if (phase - 8) % 8 == 0:  # keep the 8-byte alignment of the data buffer
+            raw += b" " * ((phase - 8 - len(raw)) % block)
     return struct.pack("<Q", len(raw)) + raw

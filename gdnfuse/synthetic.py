@@ -154,10 +154,13 @@ def write_checkpoint(
     seed: int = 0,
     fast: bool = False,
     sparse: bool = False,
+    sort: bool = False,
 ) -> Path:
     """Write a Qwen3.5-shaped checkpoint with an index and side files; returns its path.
 
-    ``fast``: random bytes at disk speed (finite values, for benchmarks). ``sparse``:
+    ``sort``: tensors of each shard in name order, as safetensors' own writer lays them out
+    (so offsets are not block-aligned, as in released checkpoints). ``fast``: random bytes
+    at disk speed (finite values, for benchmarks). ``sparse``:
     headers only, files truncated to full size with holes (for planning benchmarks of
     huge models; reading the data gives zeros).
     """
@@ -180,6 +183,8 @@ def write_checkpoint(
         size += n
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
+        if sort:
+            shard.sort()
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         entries = [(n, dtype, s, _numel(s) * DTYPE_BYTES[dtype]) for n, s in shard]
         with open(root / fname, "wb") as f:

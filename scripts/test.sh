@@ -4,6 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/gdnfuse ] || bash scripts/setup.sh
 [ -x .venv-engines/bin/python ] || bash scripts/setup-engines.sh
+# The reflink tests loop-mount real XFS and btrfs filesystems (root; Debian's packages).
+if ! command -v mkfs.xfs >/dev/null || ! command -v mkfs.btrfs >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing xfsprogs and btrfs-progs for the reflink tests"
+    apt-get update -qq >/dev/null && apt-get install -y -qq xfsprogs btrfs-progs >/dev/null
+  fi
+fi
 .venv/bin/ruff check gdnfuse tests scripts
 # The engine tests must run here, not skip: they judge what users run.
 export GDNFUSE_REQUIRE_ENGINES=1 GDNFUSE_ENGINE_PYTHON="$PWD/.venv-engines/bin/python"
