@@ -60,7 +60,7 @@ class Checkpoint:
         return sum(h.file_size for h in self.shards.values())
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except OSError as e:
@@ -134,21 +134,26 @@ def _utf8(name: str, root: Path) -> str:
     return name
 
 
-def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
-    """Read and cross-check a checkpoint directory's config, index and shard headers."""
-    root = Path(root)
+def require_dir(root: Path) -> None:
+    """One line for a checkpoint path that is missing or not a folder."""
     if not root.is_dir():
         raise GdnfuseError("does not exist" if not root.exists() else "not a directory",
                            path=str(root))  # fmt: skip
+
+
+def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
+    """Read and cross-check a checkpoint directory's config, index and shard headers."""
+    root = Path(root)
+    require_dir(root)
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise GdnfuseError("no config.json: not a Hugging Face checkpoint", path=str(root))
-    config = _load_json(config_path)
+    config = load_json(config_path)
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(config_path))
     listing = walk(root)
     files = listing.files
-    index = _load_json(root / INDEX_NAME) if INDEX_NAME in files else None
+    index = load_json(root / INDEX_NAME) if INDEX_NAME in files else None
     shard_names = sorted(f for f in files if f.endswith(".safetensors"))
     ignored: list[str] = []
     if index is not None:

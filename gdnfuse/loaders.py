@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gdnfuse import engines
-from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files
+from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, load_json, require_dir
 from gdnfuse.engines import Facts, Rows, Verdict
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY, ConversionPlan
@@ -26,13 +26,8 @@ from gdnfuse.safetensors_file import read_header
 def read_facts(root: str | os.PathLike[str]) -> Facts:
     """The :class:`~gdnfuse.engines.Facts` of the checkpoint in ``root``."""
     root = Path(root)
-    try:
-        config = json.loads((root / CONFIG_NAME).read_text())
-    except OSError as e:
-        where = str(root / CONFIG_NAME)
-        raise GdnfuseError(f"cannot read: {e.strerror or e}", path=where) from None
-    except ValueError as e:
-        raise GdnfuseError(f"not valid JSON ({e})", path=str(root / CONFIG_NAME)) from None
+    require_dir(root)
+    config = load_json(root / CONFIG_NAME)
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(root / CONFIG_NAME))
     return facts_of(config, _tensor_names(root), str(root / CONFIG_NAME))

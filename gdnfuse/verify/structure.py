@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE, VISUAL_PREFIX
-from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files
+from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, require_dir
 from gdnfuse.convert import MANIFEST_NAME
 from gdnfuse.engines import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.errors import GdnfuseError
@@ -128,9 +128,7 @@ def parse_record(raw: Any, dims: GdnDims) -> tuple[Record | None, str | None]:
 def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     """Read what can be read; raises :class:`GdnfuseError` only when it is not a checkpoint."""
     root = Path(root)
-    if not root.is_dir():
-        raise GdnfuseError("does not exist" if not root.exists() else "not a directory",
-                           path=str(root))  # fmt: skip
+    require_dir(root)
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         hint = (
