@@ -83,7 +83,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
 
 
 def run_fs(kind: str, work: Path, image_gb: int, sources: dict[str, tuple[str, int]],
-           old: Path | None) -> list[dict]:  # fmt: skip
+           old: Path | None, verify: bool = False) -> list[dict]:  # fmt: skip
     image, mnt = work / f"{kind}.img", work / kind
     mnt.mkdir(parents=True, exist_ok=True)
     image.unlink(missing_ok=True)
@@ -117,6 +117,11 @@ def run_fs(kind: str, work: Path, image_gb: int, sources: dict[str, tuple[str, i
                 new = used(mnt) - before
                 rows.append({"fs": kind, "source": label, "source_bytes": size, "how": name,
                              "seconds": round(seconds, 3), "new_bytes": new})  # fmt: skip
+                if cmd is gdnfuse and verify:  # not timed: the output must be right, too
+                    args = [sys.executable, "-m", "gdnfuse.cli", "verify", str(dst), "--against",
+                            str(src), "--layers", "0", "--quiet"]  # fmt: skip
+                    check = subprocess.run(args, capture_output=True, text=True, env=env)
+                    rows[-1]["verify"] = check.stdout.strip().splitlines()[0]
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(dst)
             shutil.rmtree(src)
@@ -127,14 +132,17 @@ def run_fs(kind: str, work: Path, image_gb: int, sources: dict[str, tuple[str, i
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| fs | source | how | wall s | vs cp --reflink=never | new blocks | % of source |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    out = ["| fs | source | how | wall s | vs cp --reflink=never | new blocks | % of source "
+           "| verify |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     base = {(r["fs"], r["source"]): r["seconds"] for r in rows if "never" in r["how"]}
     for r in rows:
         ratio = r["seconds"] / base[(r["fs"], r["source"])]
+        checked = r.get("verify", "-")
+        checked = "PASSED" if "PASSED" in checked else checked
         out.append(f"| {r['fs']} | {r['source']} ({r['source_bytes'] / 1e9:.2f} GB) | {r['how']} "
                    f"| {r['seconds']:.3f} | {ratio:.3f}x | {r['new_bytes'] / 1e6:.1f} MB | "
-                   f"{100 * r['new_bytes'] / r['source_bytes']:.2f}% |")  # fmt: skip
+                   f"{100 * r['new_bytes'] / r['source_bytes']:.2f}% | "
+                   f"{checked} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -147,13 +155,16 @@ def main() -> None:
     ap.add_argument("--image-gb", type=int, default=40)
     ap.add_argument("--old", type=Path, help="checkout of an earlier gdnfuse (ext4 comparison)")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--verify", action="store_true",
+                    help="also run `gdnfuse verify --against` (layer 0 numerically) on each output")
     args = ap.parse_args()
-    sources = {"27B-shaped": ("qwen3.5-27b", layers_for("qwen3.5-27b", args.size_gb)),
-               "MoE-shaped": ("qwen3.5-35b-a3b", layers_for("qwen3.5-35b-a3b", args.moe_gb))}
+    sources = {"27B-shaped": ("qwen3.5-27b", layers_for("qwen3.5-27b", args.size_gb))}
+    if args.moe_gb > 0:
+        sources["MoE-shaped"] = ("qwen3.5-35b-a3b", layers_for("qwen3.5-35b-a3b", args.moe_gb))
     print(f"# {platform.node()} {platform.platform()}, {os.cpu_count()} CPUs; sources: {sources}")
     rows = []
     for kind in args.fs.split(","):
-        rows += run_fs(kind, args.workdir, args.image_gb, sources, args.old)
+        rows += run_fs(kind, args.workdir, args.image_gb, sources, args.old, args.verify)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
