@@ -29,10 +29,20 @@ from gdnfuse.safetensors_file import DTYPE_BYTES
 class Arch(StrEnum):
     """Architecture the output checkpoint declares."""
 
-    QWEN3_5 = "qwen3_5"
+    QWEN3_5 = "qwen3.5"
     """Keep the source's Qwen3.5 names and config; only the GDN projections change."""
     QWEN3_NEXT = "qwen3-next"
     """A text-only ``Qwen3NextForCausalLM`` checkpoint (requires the ``qwen3-next`` layout)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Arch | None:
+        """Spellings with ``_`` or ``-`` (``qwen3_5``, ``qwen3-5``, ``qwen3_next``) are the same."""
+        if isinstance(value, str):
+            key = value.lower().replace("_", "-").replace(".", "-")
+            for member in cls:
+                if member.value.replace(".", "-") == key:
+                    return member
+        return None
 
 
 TARGET_MODEL_TYPE = "qwen3_next"

@@ -29,7 +29,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from gdnfuse.arch import Arch
 from gdnfuse.errors import GdnfuseError, Interrupted
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
@@ -242,10 +241,10 @@ def convert(
     ] = False,
     fsync: Annotated[bool, typer.Option(help="fsync each file before it is renamed.")] = False,
     arch: Annotated[
-        Arch | None,
+        str | None,
         typer.Option(
             "--arch",
-            help="qwen3_5: keep the Qwen3.5 architecture (only the GDN tensors change). "
+            help="qwen3.5: keep the Qwen3.5 architecture (only the GDN tensors change). "
             "qwen3-next: write a text-only Qwen3NextForCausalLM checkpoint (vision tower left "
             "out, experts per expert) that any Qwen3-Next engine loads; needs --layout "
             "qwen3-next.",

@@ -265,3 +265,12 @@ def test_error_classes_a_caller_can_catch(src: Path, tmp_path: Path) -> None:
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckFailed, match="structure.record"):
         verify(out, numeric=False).raise_for_failures()
+
+
+def test_arch_values_do_not_mix_separators(src: Path, tmp_path: Path) -> None:
+    from gdnfuse.arch import Arch
+
+    assert {a.value for a in Arch} == {"qwen3.5", "qwen3-next"}
+    assert Arch("qwen3_5") is Arch("qwen3-5") is Arch.QWEN3_5  # older spellings still work
+    proc = run_cli("convert", src, "--out", tmp_path / "o", "--arch", "qwen3_5", "--quiet")
+    assert proc.returncode == 0, proc.stderr

@@ -206,7 +206,7 @@ def readme_rows(dims: GdnDims) -> list[tuple[str, Facts]]:
         kind = "MoE" if moe else "dense"
         out += [
             (f"default (stamped), {kind}", Facts(STAMP_MODEL_TYPE, True, GROUPED, moe, dims)),
-            (f"Qwen3.5 names, qwen3-next rows (`--engine trtllm --arch qwen3_5`), {kind}",
+            (f"Qwen3.5 names, qwen3-next rows (`--engine trtllm --arch qwen3.5`), {kind}",
              Facts("qwen3_5", True, GROUPED, moe, dims)),
             (f"Qwen3.5 names, plain rows (`--engine sglang`), {kind}",
              Facts("qwen3_5", True, PLAIN, moe, dims)),

@@ -23,7 +23,7 @@ SPEC = EngineSpec(
         ),
     },
     # Qwen3-Next names first: sglang and transformers misread Qwen3.5 names with grouped rows.
-    # `--arch qwen3_5` picks the second (keeps a vision tower).
+    # `--arch qwen3.5` picks the second (keeps a vision tower).
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED), Target(Arch.QWEN3_5, GROUPED)),
     refuse_hint="serve the source checkpoint",
 )
