@@ -35,7 +35,8 @@ from gdnfuse.engines.spec import (
 )
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import GdnDims, Layout
-from gdnfuse.model import ARCH_MODEL_TYPES, STAMP_ARCH_PREFIX, STAMP_MODEL_TYPE
+from gdnfuse.model import ARCH_MODEL_TYPES, FAMILIES, STAMP_ARCH_PREFIX, STAMP_MODEL_TYPE
+from gdnfuse.quant import IGNORE_LISTS
 
 __all__ = [
     "ENGINES",
@@ -67,8 +68,6 @@ ENGINES: tuple[EngineSpec, ...] = (
 
 STAMP_KEY = "stamp"  # in the layout record: the model_type and architectures replaced
 
-_FAMILY = {"qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5", "qwen3_5_text": "qwen3_5",
-           "qwen3_5_moe_text": "qwen3_5", "qwen3_next": "qwen3_next"}  # fmt: skip
 _SPLIT_BA = re.compile(r"in_proj_[ba](?=$|\.)")
 _FUSED_BA = re.compile(r"in_proj_ba(?=$|\.)")
 
@@ -84,13 +83,12 @@ def engine(name: str) -> EngineSpec:
 
 
 def family(model_type: str) -> str:
-    return _FAMILY.get(model_type, model_type)
+    """``qwen3_5`` for every Qwen3.5 model type (engines treat them alike), else itself."""
+    return "qwen3_5" if model_type in FAMILIES else model_type
 
 
 def fp8_ignore_forms(config: Mapping[str, Any]) -> frozenset[str] | None:
     """Name forms (``split``, ``fused``) of in_proj_b/a in an FP8 config's ignore lists."""
-    from gdnfuse.quant import IGNORE_LISTS  # noqa: PLC0415 (quant imports model, not us)
-
     holders = [config, config.get("text_config") or {}]
     quants = [h.get("quantization_config") for h in holders if isinstance(h, Mapping)]
     quants = [q for q in quants if isinstance(q, Mapping)]
