@@ -31,6 +31,7 @@ from gdnfuse.executor import (
     ProgressFn,
     check_output_dir,
     execute,
+    existing_ancestor,
     finished_files,
     fs_block,
     journal_head,
@@ -174,16 +175,14 @@ class OutputChoice:
 
 def resolve_output(
     ckpt: Checkpoint,
-    layout: Layout | str | None,
+    layout: Layout | None,
     tp: int,
-    arch: Arch | str | None,
+    arch: Arch | None,
     engine_name: str | None,
 ) -> OutputChoice:
     """Turn ``--engine`` / ``--layout`` / ``--arch`` / ``--tp`` into one output choice."""
     from gdnfuse import engines
 
-    layout = None if layout is None else Layout(layout)
-    arch = None if arch is None else Arch(arch)
     refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
     check_tp(model.dims, tp)
@@ -302,7 +301,7 @@ def convert(
 
 
 def _free_bytes(path: Path) -> int:
-    st = os.statvfs(_existing(path))
+    st = os.statvfs(existing_ancestor(path))
     return st.f_bfree * st.f_frsize
 
 
@@ -314,7 +313,7 @@ def preflight(
     Returns the stale names ``overwrite`` removes and the source identity for the journal."""
     check_destination(source, out)
     check_output_dir(out, options)
-    probe = _existing(out)
+    probe = existing_ancestor(out)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError("not writable (permission denied)", path=str(probe))
     new_names = {f.name for f in cplan.plan.files} | {MANIFEST_NAME}
@@ -335,14 +334,6 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing ancestor."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_destination(source: Path, out: Path) -> None:
     """Refuse an output that is, contains or lies inside the source.
 
@@ -350,7 +341,7 @@ def check_destination(source: Path, out: Path) -> None:
     the same directory under another name.
     """
     src = _identity(source)
-    dst_chain = [_existing(out), *_existing(out).parents]
+    dst_chain = [existing_ancestor(out), *existing_ancestor(out).parents]
     inside = any(_identity(p) == src for p in dst_chain)
     above = out.exists() and any(
         _identity(p) == _identity(out) for p in [source.absolute(), *source.absolute().parents]
@@ -366,11 +357,13 @@ def linkable(cplan: ConversionPlan, out: Path) -> set[str]:
     """Untouched shards that ``--link`` can really hard-link: same filesystem as ``out``.
 
     Elsewhere link(2) fails with EXDEV and the shard is copied, so its bytes count."""
-    dev = _existing(out).stat().st_dev
+    dev = existing_ancestor(out).stat().st_dev
     whole = {f.name: f.whole_source for f in cplan.plan.files if f.whole_source}
     # A source still downloading (--overlap) lands where its nearest existing folder is.
-    return {n for n in cplan.untouched if n in whole
-            and _existing(Path(os.path.realpath(whole[n]))).stat().st_dev == dev}  # fmt: skip
+    def device(path: str) -> int:
+        return existing_ancestor(Path(os.path.realpath(path))).stat().st_dev
+
+    return {n for n in cplan.untouched if n in whole and device(whole[n]) == dev}
 
 
 def source_identity(plan: Plan) -> dict[str, list[Any]]:
@@ -396,7 +389,7 @@ def source_identity(plan: Plan) -> dict[str, list[Any]]:
 
 def check_free_space(out: Path, needed: int, hint: bool = True) -> None:
     """Refuse before starting when the plan cannot fit on the output's filesystem."""
-    probe = _existing(out)
+    probe = existing_ancestor(out)
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise OutputError(

@@ -204,6 +204,7 @@ def _execute(
     done = _prepare(out, plan, head, options, stale)
     _claim(out)
     run_id = f"{os.getpid()}-{os.urandom(4).hex()}"
+    block = fs_block(out)  # clone granularity of the output's filesystem
     journal = open(out / JOURNAL_NAME, "a")  # noqa: SIM115 - kept open for the whole run
     lock = threading.Lock()
     cancel = threading.Event()
@@ -220,7 +221,7 @@ def _execute(
                     wait_for(source, cancel)
                 if cancel.is_set():
                     raise Cancelled()
-        result = _write_file(f, out, options, report, cancel, run_id)
+        result = _write_file(f, out, options, report, cancel, run_id, block)
         with lock:
             try:
                 journal.write(json.dumps({"done": f.name, "linked": result.linked,
@@ -430,13 +431,18 @@ def _remove_temporaries(out: Path) -> None:
     (out / TMP_DIR).mkdir(parents=True, exist_ok=True)
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor: where a not-yet-created output will live."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def fs_block(path: Path) -> int:
     """Block size of the filesystem holding ``path`` (or its nearest existing parent)."""
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        return os.statvfs(probe).f_bsize or 4096
+        return os.statvfs(existing_ancestor(path)).f_bsize or 4096
     except OSError:
         return 4096
 
@@ -480,6 +486,7 @@ def _write_file(
     report: ProgressFn,
     cancel: threading.Event,
     run_id: str,
+    block: int,
 ) -> FileResult:
     final = out / f.name
     tmp = tmp_path(out, f.name, run_id)
@@ -492,7 +499,7 @@ def _write_file(
         if linked:
             report(f.size)
         else:
-            _assemble(f, tmp, options.fsync, report, cancel, fs_block(out))
+            _assemble(f, tmp, options.fsync, report, cancel, block)
         digest = _sha256(tmp) if options.checksum else None
         os.replace(tmp, final)
         # rename(2) does nothing when both names are links to one inode (re-linking over an

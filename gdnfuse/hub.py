@@ -28,6 +28,7 @@ from typing import Any
 
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, SKIPPED_DIRS, SKIPPED_SUFFIXES
 from gdnfuse.errors import GdnfuseError
+from gdnfuse.executor import existing_ancestor
 from gdnfuse.plan import Plan
 from gdnfuse.safetensors_file import MAX_HEADER_BYTES
 
@@ -341,7 +342,7 @@ def check_disk_space(
     ``output`` is the size of the downloaded selection: a conversion writes about as many
     bytes as it reads (``--link`` would need less; convert checks that exactly later).
     """
-    cache_fs, out_fs = _existing(cache), _existing(out)
+    cache_fs, out_fs = existing_ancestor(cache), existing_ancestor(out)
     if cache_fs.stat().st_dev == out_fs.stat().st_dev:
         needs = [(cache_fs, download + output)]
     else:
@@ -462,13 +463,6 @@ def _cached_snapshot(pinned: Pinned, cache: Path) -> Path | None:
         return None
     files = list_files(pinned, cache)
     return _snapshot_dir(pinned, cache) if missing_bytes(pinned, files, cache) == 0 else None
-
-
-def _existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _one_line(e: BaseException) -> str:
