@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, SKIPPED_DIRS, SKIPPED_SUFFIXES
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.executor import existing_ancestor
 from gdnfuse.plan import Plan
 from gdnfuse.safetensors_file import MAX_HEADER_BYTES
@@ -43,7 +43,8 @@ IGNORE_PATTERNS = (
     *(f"{d}/*" for d in SKIPPED_DIRS),
     *(f"*/{d}/*" for d in SKIPPED_DIRS),
 )
-TOKEN_HINT = "pass a token with --token, the HF_TOKEN environment variable or `hf auth login`"
+TOKEN_HINT = (f"pass a token with {option('token')}, the HF_TOKEN environment variable or "
+              "`hf auth login`")
 FIRST_READ = 16 << 10  # one range read covers most headers; bigger ones take a second
 PARALLEL_DOWNLOADS = 4  # files in flight with --overlap (each hf_hub_download is one stream)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -469,6 +470,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause, as ``Type: message``: huggingface_hub's own text around it says
+    again what gdnfuse's message already said (unreachable, not in the cache)."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    return f"{type(e).__name__}: {_one_line(e)}"
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str, cache: Path) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line GdnfuseErrors that say what to do."""
@@ -510,7 +521,7 @@ def _hub_errors(repo_id: str, revision: str, cache: Path) -> Iterator[None]:
             ) from None
         raise GdnfuseError(
             f"cannot reach {constants.ENDPOINT} and {where} is not (completely) in the cache "
-            f"{cache}: {_one_line(e)}"
+            f"{cache} ({_root_cause(e)})"
         ) from None
     except HfHubHTTPError as e:
         raise GdnfuseError(f"Hub request for {where} failed: {_one_line(e)}") from None

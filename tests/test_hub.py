@@ -272,6 +272,10 @@ def test_unreachable_hub_with_nothing_cached(tmp_path):
     line = _error_line(gdnfuse("inspect", REPO, env=_env(tmp_path / "hf", None)))
     assert "cannot reach http://127.0.0.1:9 and org/tiny@main is not (completely) in the cache" in (
         line)  # fmt: skip
+    # Issue 14: said once, with the root cause, not huggingface_hub's restatement of it.
+    assert line.count("in the cache") == 1 and line.count("cannot reach") == 1, line
+    assert "could not be reached" not in line and "Cannot resolve" not in line, line
+    assert line.endswith("(ConnectionRefusedError: [Errno 111] Connection refused)"), line
 
 
 # -- in-process: range reads, selection, disk space ------------------------------------------
