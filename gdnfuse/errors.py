@@ -8,22 +8,65 @@ output directory), :class:`SetupError` (install something), :class:`Interrupted`
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
+_OPTION = re.compile("\ue000(.*?)\ue001")
+"""An :func:`option` inside a message (private-use code points never occur in real text)."""
+
+
+def option(name: str, *value: Any) -> str:
+    """An option a message names, spelled the way the reader called gdnfuse.
+
+    ``str(error)`` (the Python API) shows ``overwrite=True`` / ``tp=2`` / ``out``;
+    :meth:`GdnfuseError.for_cli` shows ``--overwrite`` / ``--tp 2`` / ``--out``. One message
+    serves both, and an API caller is never told about flags it did not pass.
+    """
+    return "\ue000" + json.dumps([name, *value]) + "\ue001"
+
+
+def render(message: str, *, cli: bool) -> str:
+    """``message`` with its :func:`option` marks spelled for the API or for the CLI."""
+
+    def one(m: re.Match[str]) -> str:
+        name, *value = json.loads(m.group(1))
+        if not cli:
+            return f"{name}={value[0]!r}" if value else name
+        flag = "--" + name.replace("_", "-")
+        if not value or value[0] is True:
+            return flag
+        if value[0] is False or value[0] is None:
+            return f"no {flag}"
+        return f"{flag} {value[0]}"
+
+    return _OPTION.sub(one, message)
+
 
 class GdnfuseError(Exception):
     """Bad input or an impossible request (CLI exit code 2).
 
     The message is one line; ``path`` and ``tensor`` say where the problem is, so a user
-    with an 800 GB checkpoint knows which shard and which tensor to look at.
+    with an 800 GB checkpoint knows which shard and which tensor to look at. Options it
+    names read as keywords in ``str(error)`` and as flags in :meth:`for_cli`.
     """
 
     def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None) -> None:
-        self.reason = message
+        self.message = message
+        self.reason = render(message, cli=False)
         self.path = path
         self.tensor = tensor
-        where = ", ".join(
-            p for p in (path and f"file {_clean(path)}", tensor and f"tensor {_clean(tensor)}") if p
-        )
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(self._where(self.reason))
+
+    def _where(self, text: str) -> str:
+        parts = (self.path and f"file {_clean(self.path)}",
+                 self.tensor and f"tensor {_clean(self.tensor)}")  # fmt: skip
+        where = ", ".join(p for p in parts if p)
+        return f"{where}: {text}" if where else text
+
+    def for_cli(self) -> str:
+        """The message as the command line says it (options as ``--flags``)."""
+        return self._where(render(self.message, cli=True))
 
 
 class OutputError(GdnfuseError):

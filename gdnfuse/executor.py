@@ -46,7 +46,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from gdnfuse.errors import GdnfuseError, OutputError
+from gdnfuse.errors import GdnfuseError, OutputError, option
 from gdnfuse.plan import Extent, OutputFile, Plan
 
 STATE_DIR = ".gdnfuse"
@@ -310,26 +310,29 @@ def _resume_mismatch(head: Mapping[str, Any], want: Mapping[str, Any]) -> str:
     changed = sorted(p for p in set(then) & set(now) if then[p] != now[p])
     if changed:
         return (
-            f"--resume: source file {changed[0]} changed since the interrupted run (size, "
-            "mtime, inode or header differ), so the finished files may hold other bytes; "
-            "use --overwrite to start again"
+            f"{option('resume', True)}: source file {changed[0]} changed since the interrupted "
+            "run (size, mtime, inode or header differ), so the finished files may hold other "
+            f"bytes; use {option('overwrite', True)} to start again"
         )
     was, given = head.get("settings") or {}, want.get("settings") or {}
     for key in sorted(set(was) | set(given)):
         if was.get(key) != given.get(key):
+            name = key.removeprefix("--")  # journals of gdnfuse <= 0.4 said "--tp"
             return (
-                f"--resume with {key} {given.get(key)} but the interrupted run used {key} "
-                f"{was.get(key)}; rerun with the same options, or --overwrite to start again"
+                f"{option('resume', True)} with {option(name, given.get(key))} but the "
+                f"interrupted run used {option(name, was.get(key))}; rerun with the same "
+                f"options, or {option('overwrite', True)} to start again"
             )
-    for key, flag in (("link", "--link"), ("checksum", "--checksum")):
+    for key in ("link", "checksum"):
         if key in head and head.get(key) != want.get(key):
             return (
-                f"--resume with {flag}={want.get(key)} but the interrupted run used "
-                f"{flag}={head.get(key)}; rerun with the same options, or --overwrite"
+                f"{option('resume', True)} with {option(key, want.get(key))} but the "
+                f"interrupted run used {option(key, head.get(key))}; rerun with the same "
+                f"options, or {option('overwrite', True)}"
             )
     return (
-        "--resume with different options or inputs than the interrupted run; "
-        "rerun with the same options, or use --overwrite to start again"
+        f"{option('resume', True)} with different options or inputs than the interrupted run; "
+        f"rerun with the same options, or use {option('overwrite', True)} to start again"
     )
 
 
@@ -347,10 +350,15 @@ def _entries(out: Path) -> list[str]:
 def _nothing_to_resume(out: Path) -> str:
     last = [n for n in ("config.json", "model.safetensors.index.json") if (out / n).exists()]
     if len(last) == 2 and (out / "gdnfuse-manifest.json").exists():
-        return ("nothing to resume: this output is complete (check it with `gdnfuse verify`; "
-                "--overwrite to convert again)")  # fmt: skip
-    return ("nothing to resume: no interrupted gdnfuse run here (use --overwrite to replace "
-            "the directory's conversion)")  # fmt: skip
+        return ("nothing to resume: this output is complete (check it with verify; "
+                f"{option('overwrite', True)} to convert again)")  # fmt: skip
+    return (f"nothing to resume: no interrupted gdnfuse run here (use {option('overwrite', True)} "
+            "to replace the directory's conversion)")  # fmt: skip
+
+
+def _not_empty() -> str:
+    return (f"output directory is not empty; pass {option('overwrite', True)} to replace it or "
+            f"{option('resume', True)} to finish an interrupted run")  # fmt: skip
 
 
 def check_output_dir(out: Path, options: ExecuteOptions) -> None:
@@ -361,11 +369,7 @@ def check_output_dir(out: Path, options: ExecuteOptions) -> None:
     if _entries(out) and options.resume and not (out / JOURNAL_NAME).is_file():
         raise OutputError(_nothing_to_resume(out), path=str(out))
     if _entries(out) and not (options.overwrite or options.resume):
-        raise OutputError(
-            "output directory is not empty; pass --overwrite to replace it or --resume "
-            "to finish an interrupted run",
-            path=str(out),
-        )
+        raise OutputError(_not_empty(), path=str(out))
 
 
 def _prepare(
@@ -384,11 +388,7 @@ def _prepare(
         if options.resume:
             raise GdnfuseError(_nothing_to_resume(out), path=str(out))
         if not options.overwrite:
-            raise GdnfuseError(
-                "output directory is not empty; pass --overwrite to replace it or --resume "
-                "to finish an interrupted run",
-                path=str(out),
-            )
+            raise OutputError(_not_empty(), path=str(out))
     try:  # name everything gdnfuse may leave here before removing any of it
         owned = {"owned": sorted(set(names) | set(old))}
         fresh = journal.with_name("journal.new")  # whole or absent, whenever a kill lands
@@ -517,7 +517,8 @@ def _write_error(e: OSError, path: Path) -> GdnfuseError:
     """One clear line for a failed write; a full disk says how to finish the run."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(
-            "no space left on the device (ENOSPC); free space and rerun with --resume",
+            f"no space left on the device (ENOSPC); free space and rerun with "
+            f"{option('resume', True)}",
             path=str(path),
         )
     return OutputError(f"cannot write: {e.strerror or e}", path=str(path))

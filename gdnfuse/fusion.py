@@ -19,7 +19,7 @@ from gdnfuse import __version__
 from gdnfuse.arch import Arch, Relabel, plan_relabel
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from gdnfuse.engines import STAMP_KEY, stamp_config
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import FUSED_SOURCES, Layout, check_tp, coalesce, fused_runs, valid_tp
 from gdnfuse.model import (
     GdnGroup,
@@ -144,8 +144,8 @@ def plan_conversion(
     if Arch(arch) is Arch.QWEN3_NEXT:
         if layout is not Layout.QWEN3_NEXT:
             raise GdnfuseError(
-                f"--arch qwen3-next needs --layout qwen3-next (Qwen3-Next loaders expect it), "
-                f"not {layout}"
+                f"{option('arch', 'qwen3-next')} needs {option('layout', 'qwen3-next')} "
+                f"(Qwen3-Next loaders expect it), not {layout}"
             )
         tensors = ckpt.tensors
         relabel = plan_relabel(tensors, ckpt.config, model)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 
 # The split source tensors of one GDN layer, and the two fused tensors.
 QKV, Z, B, A = "qkv", "z", "b", "a"
@@ -107,7 +107,7 @@ def valid_tp(nk: int) -> list[int]:
 def check_tp(dims: GdnDims, tp: int) -> None:
     if tp < 1 or dims.nk % tp:
         raise GdnfuseError(
-            f"--tp {tp} does not divide linear_num_key_heads={dims.nk}; "
+            f"{option('tp', tp)} does not divide linear_num_key_heads={dims.nk}; "
             f"valid values: {', '.join(map(str, valid_tp(dims.nk)))}"
         )
 

@@ -110,7 +110,7 @@ def describe_config(
             dv=fields["linear_value_head_dim"],
         )
     except GdnfuseError as e:  # say which file holds the bad numbers
-        raise GdnfuseError(e.reason, path=path) from None
+        raise GdnfuseError(e.message, path=path) from None
     quant = config.get("quantization_config") or fields.get("quantization_config")
     return ModelInfo(model_type, dims, fields["hidden_size"], key, quant)
 

@@ -125,7 +125,7 @@ def group_dims(g: GdnGroup, model: ModelInfo) -> GdnDims:
         except GdnfuseError as e:
             ref = g.parts["qkv"]
             raise GdnfuseError(
-                f"{e.reason} (weight_block_size {block}, scale shape {list(ref.info.shape)})",
+                f"{e.message} (weight_block_size {block}, scale shape {list(ref.info.shape)})",
                 path=ref.file,
                 tensor=g.split_name("qkv"),
             ) from None

@@ -111,8 +111,11 @@ def test_resume_refuses_other_file_options(src: Path, tmp_path: Path, changed: d
     out = tmp_path / "out"
     with pytest.raises(Stop):
         convert(src, out, options=ExecuteOptions(workers=1), progress=interrupt_after(50_000))
-    with pytest.raises(GdnfuseError, match="but the interrupted run used --(checksum|link)="):
+    with pytest.raises(GdnfuseError, match="but the interrupted run used (checksum|link)=False"):
         convert(src, out, options=ExecuteOptions(resume=True, **changed))
+    with pytest.raises(GdnfuseError) as e:
+        convert(src, out, options=ExecuteOptions(resume=True, **changed))
+    assert "--overwrite" in e.value.for_cli() and "--" not in str(e.value)
     convert(src, out, options=ExecuteOptions(resume=True))
 
 

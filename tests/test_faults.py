@@ -399,7 +399,7 @@ def test_resume_after_kill_with_links_never_writes_into_the_source(
     journal.write_text("".join(ln for ln in lines if not any(f'"{n}"' in ln for n in linked)))
     write_opens.watch(big.src)
     # --copy is another output
-    with pytest.raises(GdnfuseError, match="--link=False but the interrupted run used --link=True"):
+    with pytest.raises(GdnfuseError, match="link=False but the interrupted run used link=True"):
         api_convert(big.src, out, options=ExecuteOptions(resume=True, link=False, workers=2))
     api_convert(big.src, out, options=ExecuteOptions(resume=True, link=True, workers=2))
     assert write_opens.hits == []
@@ -462,7 +462,8 @@ def test_disk_filling_mid_run_fails_clearly_and_resume_finishes(
     with pytest.raises(GdnfuseError, match="no space left") as caught:
         # The free-space check passes; then another writer takes the space.
         api_convert(src.path, out, on_plan=lambda plan: filler.append(fill(fs, 64 << 10)))
-    assert "--resume" in str(caught.value) and str(out) in str(caught.value)
+    assert "resume=True" in str(caught.value) and str(out) in str(caught.value)
+    assert "--resume" in caught.value.for_cli()
     assert leftovers(out) == [] and not looks_complete(out)
     assert not (out / MANIFEST_NAME).exists()
     assert (out / JOURNAL).is_file()  # resumable once space is freed

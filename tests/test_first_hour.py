@@ -274,3 +274,31 @@ def test_arch_values_do_not_mix_separators(src: Path, tmp_path: Path) -> None:
     assert Arch("qwen3_5") is Arch("qwen3-5") is Arch.QWEN3_5  # older spellings still work
     proc = run_cli("convert", src, "--out", tmp_path / "o", "--arch", "qwen3_5", "--quiet")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_api_errors_name_keywords_and_cli_errors_name_flags(tmp_path: Path) -> None:
+    """Issue 14, item 8: an error raised from the API names the keyword arguments the
+    caller passes (overwrite=True, tp=3), never a CLI flag; the CLI says the same thing
+    with its flags."""
+    src = write_checkpoint(tmp_path / "src", "tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    cases = [
+        (dict(out=out), "overwrite=True", ["--overwrite", "--resume"]),
+        (dict(out=tmp_path / "o2", tp=3), "tp=3", ["--tp 3"]),
+        (dict(out=tmp_path / "o3", engine="vllm"), "engine='vllm'", ["--engine vllm"]),
+        (dict(out=tmp_path / "o4", engine="vllm", layout="tp-blocked"), "layout='tp-blocked'",
+         ["--layout tp-blocked"]),
+        (dict(out=src / "inside"), "out must be", ["--out must be"]),
+    ]  # fmt: skip
+    for kw, api, flags in cases:
+        with pytest.raises(GdnfuseError) as e:
+            convert(src, **kw)
+        assert api in str(e.value) and " --" not in f" {e.value}", (kw, str(e.value))
+        for flag in flags:
+            assert flag in e.value.for_cli(), (kw, e.value.for_cli())
+        args = [f"--{k} {v}" for k, v in kw.items() if k != "out"]
+        proc = run_cli("convert", src, "--out", kw["out"], *" ".join(args).split())
+        line = error_line(proc)
+        assert proc.returncode == 2 and all(f in line for f in flags), line

@@ -314,8 +314,9 @@ def test_check_tp_error_lists_valid_values(nk: int, tp: int) -> None:
         with pytest.raises(GdnfuseError) as err:
             call()
         message = str(err.value)
-        assert f"--tp {tp}" in message and f"linear_num_key_heads={nk}" in message
+        assert f"tp={tp} " in message and f"linear_num_key_heads={nk}" in message
         assert message.endswith(f"valid values: {expected}")
+        assert err.value.for_cli().startswith(f"--tp {tp} ")
 
 
 def test_dims_validation() -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdnfuse.errors import GdnfuseError, SetupError
+from gdnfuse.errors import GdnfuseError, SetupError, option
 
 HARNESS = Path(__file__).parent / "harness"
 STUBS = HARNESS / "stubs"
@@ -40,7 +40,7 @@ def engine_python(name: str, python: str | os.PathLike[str] | None = None) -> st
     """The Python that has engine ``name`` installed, or a one-line error saying how to get it."""
     if name not in RUNNABLE:
         raise GdnfuseError(
-            f"--engine {name}: gdnfuse cannot run {name} (runnable here: "
+            f"{option('engine', name)}: gdnfuse cannot run {name} (runnable here: "
             f"{', '.join(RUNNABLE)}); its loading rules are read from its code, see "
             "`gdnfuse inspect`"
         )

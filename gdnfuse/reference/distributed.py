@@ -27,7 +27,7 @@ import torch
 
 from gdnfuse.checkpoint import Checkpoint, open_checkpoint
 from gdnfuse.engines import unstamp_config
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
@@ -88,7 +88,7 @@ def check_verify_tp(model: FusedModel, tp: int) -> None:
     if model.layout is Layout.TP_BLOCKED and tp != model.record_tp:
         raise GdnfuseError(
             f"this checkpoint is tp-blocked for {model.record_tp} ranks; its contiguous slices "
-            f"are rank shards only with --tp {model.record_tp}, not {tp}"
+            f"are rank shards only with {option('tp', model.record_tp)}, not {tp}"
         )
 
 
@@ -307,7 +307,7 @@ def verify_tp(
     open_checkpoint(against)  # refuse a bad source before starting processes
     if device == "cuda" and torch.cuda.device_count() < tp:
         raise GdnfuseError(
-            f"--tp {tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}"
+            f"{option('tp', tp)} needs {tp} GPUs; this machine has {torch.cuda.device_count()}"
         )
     if device not in ("cuda", "cpu"):
         raise GdnfuseError(f"device {device!r}: use cuda or cpu")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, open_checkpoint
-from gdnfuse.errors import GdnfuseError, SetupError
+from gdnfuse.errors import GdnfuseError, SetupError, option
 from gdnfuse.layout import check_tp
 from gdnfuse.verify.report import CheckResult, VerifyReport, skipped
 from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_number, open_fused
@@ -66,7 +66,8 @@ def select_layers(ck: FusedCheckpoint, layers: Iterable[int | str] | None) -> tu
     if missing or not wanted:
         names = ",".join(str(k) for k in have)
         raise GdnfuseError(
-            f"--layers {','.join(missing) or 'mtp'}: not a GDN layer; GDN layers are {names}",
+            f"{option('layers', ','.join(missing) or 'mtp')}: not a GDN layer; GDN layers are "
+            f"{names}",
             path=str(ck.root),
         )
     return tuple(p for p in all_layers if layer_key(p) in wanted)
@@ -108,12 +109,13 @@ def verify(
         from gdnfuse.engines.run import engine_python as find_python
 
         if against is None:
-            raise GdnfuseError("--engine needs --against: it compares with the source")
+            raise GdnfuseError(f"{option('engine', engine)} needs {option('against')}: it "
+                               "compares with the source")  # fmt: skip
         engine_python = find_python(engine, engine_python)  # before minutes of other checks
     src = None
     if against is not None:
         if Path(against).resolve() == ck.root.resolve():
-            raise GdnfuseError("--against is the checkpoint itself", path=str(against))
+            raise GdnfuseError(f"{option('against')} is the checkpoint itself", path=str(against))
         src = open_checkpoint(against)
 
     total = 1 + (src is not None) + numeric + (engine is not None)

@@ -21,7 +21,7 @@ from typing import Any
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.fusion import RECORD_KEY, local_source
 from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, valid_tp
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
@@ -109,7 +109,7 @@ def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
     groups = find_gdn_groups(src.tensors, model)
     if not groups:
         raise GdnfuseError(
-            "has no split GDN projections: --against must be the unconverted source",
+            f"has no split GDN projections: {option('against')} must be the unconverted source",
             path=str(src.root),
         )
     names = names_for(ck, model)
