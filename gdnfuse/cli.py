@@ -71,7 +71,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 
 def _fail(e: GdnfuseError | str) -> typer.Exit:
     # Text, not markup: paths and tensor names may contain [brackets].
-    err.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
+    text = e.for_cli() if isinstance(e, GdnfuseError) else e
+    err.print(Text.assemble(("error: ", "bold red"), text), highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -543,8 +544,8 @@ def demo(
     """Convert and verify a built-in example checkpoint, then say what to try next.
 
     Writes a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), converts it with --tp 2 in
-    both layouts and for sglang, verifies each against the source, and prints the commands
-    it ran so you can paste them.
+    both layouts and for transformers (--arch qwen3-next), verifies each against the source,
+    and prints the commands it ran so you can paste them.
     """
     import shutil
 
@@ -559,7 +560,7 @@ def demo(
                                    dtype="BF16")  # fmt: skip
             out.print(Text.assemble("wrote example checkpoint ", (str(src), "bold")))
             for flags in (["--tp", str(tp)], ["--tp", str(tp), "--layout", "tp-blocked"],
-                          ["--tp", str(tp), "--engine", "sglang"]):  # fmt: skip
+                          ["--tp", str(tp), "--engine", "transformers"]):  # fmt: skip
                 dst = root / f"fused{'-' + flags[-1] if len(flags) > 2 else ''}"
                 out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {' '.join(flags)} "
                                "--overwrite", style="bold"), soft_wrap=True)  # fmt: skip
@@ -575,8 +576,8 @@ def demo(
         out.print(Text(f"\ndemo: {verdict}.", style="bold green" if status == 0 else "bold red"))
         out.print("Next, on a real model (reads headers only):  gdnfuse inspect Qwen/Qwen3.5-27B",
                   soft_wrap=True)  # fmt: skip
-        out.print("then:  gdnfuse convert Qwen/Qwen3.5-27B --out ./q35-sglang --engine sglang "
-                  "--tp 4", soft_wrap=True)  # fmt: skip
+        out.print("then:  gdnfuse convert Qwen/Qwen3.5-35B-A3B --out ./q35-vllm --engine vllm "
+                  "--tp 2", soft_wrap=True)  # fmt: skip
     finally:
         if keep or workdir:
             out.print(f"example files kept in {root}", soft_wrap=True)
@@ -589,7 +590,7 @@ def _demo_verify(dst: Path, src: Path, tp: int) -> int:
     try:
         from gdnfuse.verify import verify as run_verify
 
-        report = run_verify(dst, against=src, tp=None if dst.name.endswith("sglang") else tp)
+        report = run_verify(dst, against=src, tp=tp)
     except GdnfuseError as e:  # verify needs torch; the converter does not
         out.print(Text(f"verify skipped: {e}", style="yellow"))
         return 0

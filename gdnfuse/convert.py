@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
-from gdnfuse.errors import GdnfuseError, OutputError
+from gdnfuse.errors import GdnfuseError, OutputError, option
 from gdnfuse.executor import (
     JOURNAL_NAME,
     ExecuteOptions,
@@ -150,8 +150,8 @@ def plan_source(
 
     ``engine``: write what that engine serves correctly (:func:`gdnfuse.engines.choose`);
     ``layout`` and ``arch``, when also given, must agree with it. Without an engine the
-    output keeps ``arch`` (default Qwen3.5) and ``layout`` (default qwen3-next), and a
-    Qwen3.5-named output is stamped so that no engine loads it with misread rows.
+    output keeps ``arch`` (default Qwen3.5) and ``layout`` (default qwen3-next), and is
+    stamped when some engine would load it with misread rows (every Qwen3.5-named one).
     """
     _check_args(tp=tp)
     layout, arch = _enum(Layout, layout, "layout"), _enum(Arch, arch, "arch")
@@ -186,18 +186,19 @@ def resolve_output(
     refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
     check_tp(model.dims, tp)
-    if engine_name is None:
-        arch = arch or Arch.QWEN3_5
-        return OutputChoice(arch, layout or Layout.QWEN3_NEXT, tp, arch is Arch.QWEN3_5, None)
-    spec = engines.engine(engine_name)
     src = engines.facts(ckpt.config, ckpt.tensors, model.dims, None)
+    if engine_name is None:
+        arch, layout = arch or Arch.QWEN3_5, layout or Layout.QWEN3_NEXT
+        plain = engines.target_facts(engines.Target(arch, engines.Rows(layout, tp)), src)
+        return OutputChoice(arch, layout, tp, bool(engines.misreaders(plain)), None)
+    spec = engines.engine(engine_name)
     candidates = tuple(t for t in spec.outputs if (arch is None or t.arch is arch)
                        and (layout is None or t.rows.layout is layout))  # fmt: skip
     if not candidates:
-        given = " ".join(f"{flag} {v}" for flag, v in (("--arch", arch), ("--layout", layout)) if v)
+        given = " ".join(option(k, str(v)) for k, v in (("arch", arch), ("layout", layout)) if v)
         raise GdnfuseError(
-            f"--engine {spec.name} writes {' or '.join(map(str, spec.outputs))}; {given} "
-            "contradicts it (leave it out)"
+            f"{option('engine', spec.name)} writes {' or '.join(map(str, spec.outputs))}; "
+            f"{given} contradicts it (leave it out)"
         )
     target = engines.choose(replace(spec, outputs=candidates), src)
     rows_tp = tp if target.rows.layout is Layout.QWEN3_NEXT else target.rows.tp
@@ -265,8 +266,8 @@ def convert(
     cplan = plan_source(source, layout, tp, record_source, arch, engine, block=fs_block(Path(out)))
     if fetch is not None:
         cplan = relocate(cplan, Path(source), fetch.root)
-    settings = {"--tp": tp, "--layout": str(cplan.layout), "--engine": engine,
-                "--arch": str(Arch(arch)) if arch else None}  # fmt: skip
+    settings = {"tp": tp, "layout": str(cplan.layout), "engine": engine,
+                "arch": str(Arch(arch)) if arch else None}  # fmt: skip
     out_path = Path(out)
     stale, identity = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
                                 fetched=fetch is not None)  # fmt: skip
@@ -348,7 +349,8 @@ def check_destination(source: Path, out: Path) -> None:
     )
     if inside or above:
         raise GdnfuseError(
-            "--out must be a separate directory, neither the source, inside it, nor above it",
+            f"{option('out')} must be a separate directory, neither the source, inside it, "
+            "nor above it",
             path=str(out),
         )
 
@@ -395,7 +397,8 @@ def check_free_space(out: Path, needed: int, hint: bool = True) -> None:
         raise OutputError(
             f"not enough free space: needs {_size(needed)} but only {_size(free)} are free on "
             "that filesystem"
-            + (" (consider --link to hard-link untouched shards)" if hint else ""),
+            + (f" (consider {option('link', True)} to hard-link untouched shards)" if hint
+               else ""),  # fmt: skip
             path=str(out),
         )
 

@@ -114,3 +114,14 @@ def plant_rows(good: Path, rows_from: Path, dst: Path) -> Path:
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert any(".in_proj_qkvz" in n for n in index["weight_map"])
     return dst
+
+
+def unstamped(stamped: Path, dst: Path) -> Path:
+    """A copy of a stamped gdnfuse output with its original model_type and architectures back:
+    a fused layout gdnfuse never writes unstamped, to test the verdicts that make it refuse to."""
+    from gdnfuse.engines import unstamp_config
+
+    shutil.copytree(stamped, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(unstamp_config(config), indent=2))
+    return dst

@@ -1,9 +1,10 @@
 """transformers 5.24 (this venv) on gdnfuse outputs: its verdicts are what the rules say.
 
 Stamped outputs are refused by AutoConfig; the --engine transformers output loads with
-every key matched and the source's logits; the --engine sglang output is the one case the
-rules call a transformers misread (split projections missing, randomly initialised), and
-transformers must indeed report those keys missing (so the table is not a guess).
+every key matched and the source's logits, and so does the --engine sglang output (MoE; dense
+is refused); Qwen3.5 names with plain rows, which gdnfuse refuses to write because the rules
+call it a transformers misread (split projections missing, randomly initialised), must
+indeed make transformers report those keys missing (so the table is not a guess).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_models import build
+from engine_models import build, unstamped
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
@@ -20,6 +21,7 @@ from gdnfuse import loaders
 from gdnfuse.convert import convert
 from gdnfuse.engines import Outcome
 from gdnfuse.executor import ExecuteOptions
+from gdnfuse.layout import Layout
 
 OPTS = ExecuteOptions(workers=1)
 
@@ -33,8 +35,12 @@ def test_transformers_verdicts(tmp_path: Path, moe: bool) -> None:
     outs = {
         "default": convert(src, tmp_path / "default", tp=2, options=OPTS).out,
         "transformers": convert(src, tmp_path / "tf", engine="transformers", options=OPTS).out,
-        "sglang": convert(src, tmp_path / "sglang", engine="sglang", options=OPTS).out,
+        "never-written": unstamped(
+            convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out,
+            tmp_path / "never-written"),
     }
+    if moe:
+        outs["sglang"] = convert(src, tmp_path / "sglang", engine="sglang", options=OPTS).out
     for name, out in outs.items():
         verdict = loaders.verdicts(out)["transformers"].outcome
         try:
@@ -51,3 +57,4 @@ def test_transformers_verdicts(tmp_path: Path, moe: bool) -> None:
             assert verdict is Outcome.MISREADS, name
             assert any("in_proj_qkv" in k for k in info["missing_keys"]), (name, info)
     assert loaders.verdicts(outs["default"])["transformers"].outcome is Outcome.REFUSES
+    assert loaders.verdicts(outs["never-written"])["transformers"].outcome is Outcome.MISREADS

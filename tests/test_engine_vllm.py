@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from engine_models import build, engine_python, plant_rows
+from engine_models import build, engine_python, plant_rows, unstamped
 from typer.testing import CliRunner
 
 from gdnfuse import loaders
@@ -38,7 +38,9 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["tp-blocked"] = convert(src, root / "tpb", layout=Layout.TP_BLOCKED, tp=2,
                                  options=OPTS).out  # fmt: skip
     made["sglang"] = convert(src, root / "sglang", engine="sglang", tp=2, options=OPTS).out
-    made["planted"] = plant_rows(made["vllm"], made["sglang"], root / "planted")
+    plain = convert(src, root / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out
+    made["never-written"] = unstamped(plain, root / "never-written")  # Qwen3.5 names, plain
+    made["planted"] = plant_rows(made["vllm"], plain, root / "planted")
     return made
 
 
@@ -48,7 +50,7 @@ def test_tp1_every_output_served_identically_or_refused(moe: dict[str, Path]) ->
                             python=engine_python())  # fmt: skip
     got = {name: res[str(path.resolve())] for name, path in moe.items()}
     assert "outputs" in got["src"], got["src"]
-    for name in ("vllm", "default", "tp-blocked", "sglang"):
+    for name in ("vllm", "default", "tp-blocked", "sglang", "never-written"):
         verdict = loaders.verdicts(moe[name])["vllm"].outcome
         if "refused" in got[name]:
             assert verdict is Outcome.REFUSES, (name, got[name])
@@ -58,7 +60,9 @@ def test_tp1_every_output_served_identically_or_refused(moe: dict[str, Path]) ->
         assert verdict is Outcome.LOADS, name
     assert "outputs" in got["vllm"], "the --engine vllm output was refused"
     assert "gdnfuse_fused" in got["default"]["refused"]  # the stamp is what vLLM refuses
-    assert "in_proj_baa" in got["sglang"]["refused"] or "in_proj_qkvzz" in got["sglang"]["refused"]
+    assert "outputs" in got["sglang"], "the --engine sglang output (--arch qwen3-next) was refused"
+    refusal = got["never-written"]["refused"]  # vLLM's raw-substring rename of fused names
+    assert "in_proj_baa" in refusal or "in_proj_qkvzz" in refusal, refusal
     # Negative control: served, and served differently.
     assert "outputs" in got["planted"], got["planted"]
     assert not run.compare_generations(got["src"], got["planted"]).same
@@ -95,15 +99,17 @@ def test_verify_engine_vllm_catches_a_planted_layout(
 
 
 def test_dense_refused_by_gdnfuse_and_vllm(tmp_path: Path) -> None:
-    """Dense: `--engine vllm` is refused in one line; vLLM refuses the dense outputs."""
+    """Dense: `--engine vllm` is refused in one line; vLLM refuses the dense outputs (and the
+    Qwen3.5-named plain-rows layout gdnfuse does not write)."""
     src = build(tmp_path / "src", moe=False, r=3)
     with pytest.raises(GdnfuseError, match="serve the source"):
         convert(src, tmp_path / "x", engine="vllm", options=OPTS)
     assert not (tmp_path / "x").exists()
+    plain = convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out
     outs = {
         "arch": convert(src, tmp_path / "arch", arch="qwen3-next", options=OPTS).out,
         "default": convert(src, tmp_path / "default", tp=2, options=OPTS).out,
-        "sglang": convert(src, tmp_path / "sglang", engine="sglang", options=OPTS).out,
+        "never-written": unstamped(plain, tmp_path / "never-written"),
     }
     res = run.vllm_generate([src, *outs.values()], tp=1, prompts=run.prompts_for(512),
                             python=engine_python())  # fmt: skip

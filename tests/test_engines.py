@@ -36,10 +36,13 @@ def test_same_rows_only_where_layouts_coincide(nk: int, r: int) -> None:
 
 @pytest.mark.parametrize("moe", [True, False])
 @pytest.mark.parametrize("r", [1, 2, 3, 4])
-def test_engine_outputs_load_in_their_engine(moe: bool, r: int) -> None:
-    """What --engine E writes, E loads; a refusal says what to do instead; stamped outputs
-    are refused by every engine."""
-    src = Facts("qwen3_5", False, None, moe, GdnDims(4, 4 * r, 8, 8))
+@pytest.mark.parametrize("nk", [1, 2, 4])
+def test_engine_outputs_load_in_their_engine_and_no_engine_misreads_them(
+    moe: bool, r: int, nk: int
+) -> None:
+    """What --engine E writes, E loads and no engine misreads; a refusal says what to do
+    instead; stamped outputs are refused by every engine."""
+    src = Facts("qwen3_5", False, None, moe, GdnDims(nk, nk * r, 8, 8))
     for spec in ENGINES:
         try:
             target = engines.choose(spec, src)
@@ -48,8 +51,36 @@ def test_engine_outputs_load_in_their_engine(moe: bool, r: int) -> None:
             continue
         out = engines.target_facts(target, src)
         assert spec.judge(out).outcome is Outcome.LOADS, spec.name
+        assert engines.misreaders(out) == [], (spec.name, target)
     stamped = Facts(engines.STAMP_MODEL_TYPE, True, GROUPED, moe, src.dims)
     assert {v.outcome for v in engines.judge_all(stamped).values()} == {Outcome.REFUSES}
+
+
+def test_sglang_gets_qwen3_next_names_and_dense_is_refused() -> None:
+    """sglang's qwen3_5.py reads plain [Q;K;V;Z] rows, but transformers and TensorRT-LLM
+    would load that output misread; its qwen3_next.py reads grouped rows, which nobody
+    misreads, and builds MoE models only."""
+    dims = GdnDims(4, 8, 8, 8)
+    spec = engines.engine("sglang")
+    moe = engines.choose(spec, Facts("qwen3_5", False, None, True, dims))
+    assert (moe.arch, moe.rows) == (Arch.QWEN3_NEXT, GROUPED)
+    with pytest.raises(GdnfuseError) as e:
+        engines.choose(spec, Facts("qwen3_5", False, None, False, dims))
+    msg = str(e.value)
+    assert "TensorRT-LLM, transformers would load it misread" in msg and "\n" not in msg
+    assert "fuses the split projections at load" in msg
+
+
+def test_an_output_some_engine_misreads_is_refused() -> None:
+    """choose checks every engine, not only the one asked for: a spec listing an output
+    that sglang and transformers misread (Qwen3.5 names, grouped rows) is refused."""
+    dims = GdnDims(4, 8, 8, 8)
+    trt = engines.engine("trtllm")
+    planted = replace(trt, outputs=(engines.Target(Arch.QWEN3_5, GROUPED),))
+    src = Facts("qwen3_5", False, None, True, dims)
+    assert trt.judge(engines.target_facts(planted.outputs[0], src)).outcome is Outcome.LOADS
+    with pytest.raises(GdnfuseError, match="sglang, transformers would load it misread"):
+        engines.choose(planted, src)
 
 
 def test_known_misreads_are_what_the_issue_measured() -> None:
@@ -64,15 +95,18 @@ def test_known_misreads_are_what_the_issue_measured() -> None:
     assert unrecorded["sglang"].outcome is Outcome.UNKNOWN
 
 
-def test_planted_rule_fault_is_caught() -> None:
-    """A spec that expected the wrong rows would misread: judge must say so, not 'loads'."""
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+def test_planted_rule_fault_is_caught(family: str) -> None:
+    """A spec that expected the other rows would misread: judge must say so, not 'loads'."""
     spec = engines.engine("sglang")
-    rule = replace(spec.families["qwen3_5"], fused_rows=GROUPED)
-    wrong = replace(spec, families={**spec.families, "qwen3_5": rule})
-    src = Facts("qwen3_5", False, None, True, GdnDims(4, 8, 8, 8))
-    out = engines.target_facts(engines.choose(spec, src), src)
-    assert spec.judge(out).outcome is Outcome.LOADS
-    assert wrong.judge(out).outcome is Outcome.MISREADS
+    dims = GdnDims(4, 8, 8, 8)
+    for rows in (GROUPED, PLAIN):
+        out = Facts(family, True, rows, True, dims)
+        right = spec.judge(out).outcome is Outcome.LOADS
+        other = PLAIN if spec.families[family].fused_rows == GROUPED else GROUPED
+        rule = replace(spec.families[family], fused_rows=other)
+        wrong = replace(spec, families={**spec.families, family: rule})
+        assert wrong.judge(out).outcome is (Outcome.MISREADS if right else Outcome.LOADS)
 
 
 def test_fp8_ignore_names_match_every_engine() -> None:
@@ -93,15 +127,35 @@ def test_unknown_engine_and_contradicting_options(tmp_path: Path) -> None:
     with pytest.raises(GdnfuseError, match="unknown engine 'vlm'; choose one of vllm"):
         convert(src, tmp_path / "a", engine="vlm", options=OPTS)
     with pytest.raises(GdnfuseError, match="contradicts"):
-        convert(src, tmp_path / "b", engine="sglang", layout="qwen3-next", options=OPTS)
+        convert(src, tmp_path / "b", engine="vllm", layout="tp-blocked", options=OPTS)
     with pytest.raises(GdnfuseError, match="contradicts"):
         convert(src, tmp_path / "c", engine="vllm", arch=Arch.QWEN3_5, options=OPTS)
-    assert not any((tmp_path / d).exists() for d in "abc")
-    # --engine trtllm --arch qwen3_5 keeps Qwen3.5 names (and a vision tower), grouped rows.
-    out = convert(src, tmp_path / "t", engine="trtllm", arch="qwen3_5", tp=2, options=OPTS).out
-    record = json.loads((out / "config.json").read_text())["gdnfuse"]
-    assert record["layout"] == "qwen3-next" and record["engine"]["name"] == "trtllm"
-    assert loaders.verdicts(out)["trtllm"].outcome is Outcome.LOADS
+    # Qwen3.5 names with grouped rows: TensorRT-LLM reads them right, sglang would not.
+    with pytest.raises(GdnfuseError, match="sglang, transformers would load it misread"):
+        convert(src, tmp_path / "d", engine="trtllm", arch="qwen3.5", tp=2, options=OPTS)
+    assert not any((tmp_path / d).exists() for d in "abcd")
+    out = convert(src, tmp_path / "t", engine="sglang", tp=2, options=OPTS).out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_next" and config["gdnfuse"]["layout"] == "qwen3-next"
+    assert config["gdnfuse"]["engine"]["name"] == "sglang"
+    verdicts = loaders.verdicts(out)
+    assert verdicts["sglang"].outcome is Outcome.LOADS
+    assert Outcome.MISREADS not in {v.outcome for v in verdicts.values()}
+
+
+@pytest.mark.parametrize(("kw", "stamped"), [
+    ({}, True), ({"layout": "tp-blocked", "tp": 2}, True), ({"layout": "tp-blocked"}, True),
+    ({"arch": "qwen3-next"}, False), ({"arch": "qwen3-next", "tp": 2}, False),
+])  # fmt: skip
+def test_without_engine_stamped_exactly_when_some_engine_would_misread(
+    tmp_path: Path, kw: dict, stamped: bool
+) -> None:
+    src = build_checkpoint(tmp_path / "src", r=2, moe=True)
+    out = convert(src, tmp_path / "out", options=OPTS, **kw).out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"] == engines.STAMP_MODEL_TYPE) is stamped
+    verdicts = loaders.verdicts(out).values()
+    assert Outcome.MISREADS not in {v.outcome for v in verdicts}
 
 
 def test_every_shard_says_format_pt(tmp_path: Path) -> None:

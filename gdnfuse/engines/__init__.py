@@ -10,7 +10,9 @@ an architecture and a row order (:func:`choose`) before planning.
 No engine reads gdnfuse's layout record, so an output that keeps Qwen3.5 names with fused
 tensors and was not written for one engine is *stamped* (:func:`stamp_config`): its
 ``model_type`` and ``architectures`` become gdnfuse's own, which every engine refuses
-loudly, instead of the sglang/TensorRT-LLM/transformers misreads its rows would get.
+loudly, instead of the sglang/TensorRT-LLM/transformers misreads its rows would get. The
+rule behind both: no output gdnfuse writes is one that any engine here misreads
+(:func:`misreaders`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from gdnfuse.engines.spec import (
     Verdict,
     same_rows,
 )
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout
 from gdnfuse.model import ARCH_MODEL_TYPES, FAMILIES, STAMP_ARCH_PREFIX, STAMP_MODEL_TYPE
 from gdnfuse.quant import IGNORE_LISTS
@@ -55,6 +57,7 @@ __all__ = [
     "engine",
     "facts",
     "judge_all",
+    "misreaders",
     "markdown_table",
     "same_rows",
     "stamp_config",
@@ -137,19 +140,32 @@ def target_facts(target: Target, source: Facts) -> Facts:
     return Facts(fam, True, target.rows, source.moe, source.dims, fp8)
 
 
+def misreaders(f: Facts) -> list[str]:
+    """The engines that would load this checkpoint without error and compute something else."""
+    return [s.label for s in ENGINES if s.judge(f).outcome is Outcome.MISREADS]
+
+
 def choose(spec: EngineSpec, source: Facts) -> Target:
-    """The first of ``spec.outputs`` the engine loads correctly from this source, or a
-    one-line refusal saying why and what to do instead."""
+    """The first of ``spec.outputs`` that the engine loads correctly from this source and
+    that no engine misreads, or a one-line refusal saying why and what to do instead.
+
+    "Misread by none" is checked here, for every engine, rather than trusted to each spec's
+    list: an output written for one engine is still a checkpoint on disk that others load.
+    """
     reasons = []
     for target in spec.outputs:
-        verdict = spec.judge(target_facts(target, source))
-        if verdict.outcome is Outcome.LOADS:
+        f = target_facts(target, source)
+        verdict = spec.judge(f)
+        wrong = misreaders(f)
+        if verdict.outcome is Outcome.LOADS and not wrong:
             return target
-        reasons.append(f"{target}: {verdict.reason}")
+        why = verdict.reason if verdict.outcome is not Outcome.LOADS else (
+            f"{', '.join(wrong)} would load it misread")  # fmt: skip
+        reasons.append(f"{target}: {why}")
     kind = "MoE" if source.moe else "dense"
     raise GdnfuseError(
-        f"--engine {spec.name}: no output {spec.label} serves correctly for this {kind} model "
-        f"({'; '.join(reasons)}); {spec.refuse_hint}"
+        f"{option('engine', spec.name)}: no output that {spec.label} serves correctly and no "
+        f"engine misreads, for this {kind} model ({'; '.join(reasons)}); {spec.refuse_hint}"
     )
 
 
@@ -198,19 +214,22 @@ def markdown_table(rows: Iterable[tuple[str, Facts]]) -> str:
 
 
 def readme_rows(dims: GdnDims) -> list[tuple[str, Facts]]:
-    """The outputs the README's engine table describes, for dims where layouts differ."""
+    """The checkpoints the README's engine table describes, for dims where layouts differ:
+    what gdnfuse writes, the source, and the fused layouts it refuses to write unstamped."""
     out = []
     for moe in (True, False):
         kind = "MoE" if moe else "dense"
         out += [
-            (f"default (stamped), {kind}", Facts(STAMP_MODEL_TYPE, True, GROUPED, moe, dims)),
-            (f"Qwen3.5 names, qwen3-next rows (`--engine trtllm --arch qwen3.5`), {kind}",
-             Facts("qwen3_5", True, GROUPED, moe, dims)),
-            (f"Qwen3.5 names, plain rows (`--engine sglang`), {kind}",
-             Facts("qwen3_5", True, PLAIN, moe, dims)),
-            (f"Qwen3.5 names, tp-blocked T=2, unstamped, {kind}",
-             Facts("qwen3_5", True, Rows(Layout.TP_BLOCKED, 2), moe, dims)),
-            (f"`--arch qwen3-next`, {kind}", Facts("qwen3_next", True, GROUPED, moe, dims)),
             (f"the split source, {kind}", Facts("qwen3_5", False, None, moe, dims)),
+            (f"default and `--layout tp-blocked` (stamped), {kind}",
+             Facts(STAMP_MODEL_TYPE, True, GROUPED, moe, dims)),
+            (f"`--arch qwen3-next` = every `--engine` output, {kind}",
+             Facts("qwen3_next", True, GROUPED, moe, dims)),
+            (f"never written: Qwen3.5 names, qwen3-next rows, unstamped, {kind}",
+             Facts("qwen3_5", True, GROUPED, moe, dims)),
+            (f"never written: Qwen3.5 names, plain rows, {kind}",
+             Facts("qwen3_5", True, PLAIN, moe, dims)),
+            (f"never written: Qwen3.5 names, tp-blocked T=2, unstamped, {kind}",
+             Facts("qwen3_5", True, Rows(Layout.TP_BLOCKED, 2), moe, dims)),
         ]  # fmt: skip
     return out

@@ -17,9 +17,12 @@ SPEC = EngineSpec(
             where="mlx_lm/models/qwen3_next.py: Model.sanitize",
             split=Outcome.REFUSES,
             fused_rows=GROUPED,
-            dense=Outcome.MISREADS,
-            dense_reason="sanitize returns early without MoE tensors, skipping the conv1d axis "
-            "move and the +1 norm shift",
+            # A loud failure, not a misread: without the axis move, conv1d's (C, 1, K) weight
+            # fails the strict shape check of mlx/nn/layers/base.py: Module.load_weights
+            # against mlx's (C, K, 1), for every kernel size K > 1 (released models: 4).
+            dense=Outcome.REFUSES,
+            dense_reason="Model.sanitize returns early without per-expert MoE tensors, so "
+            "conv1d keeps torch's axis order and the strict load's shape check raises",
         ),
     },
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED),),

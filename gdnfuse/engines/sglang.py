@@ -17,15 +17,19 @@ SPEC = EngineSpec(
             fused_rows=PLAIN,
         ),
         "qwen3_next": FamilyRule(
-            where="sglang/srt/models/qwen3_next.py: Qwen3NextForCausalLM (contiguous slice, "
-            "fix_query_key_value_ordering per rank)",
+            where="sglang/srt/models/qwen3_next.py: Qwen3NextGatedDeltaNet."
+            "_make_packed_weight_loader (a fused tensor is sliced contiguously per rank) and "
+            "fix_query_key_value_ordering (reads each rank's rows per key-head group)",
             split=Outcome.REFUSES,
             fused_rows=GROUPED,
             dense=Outcome.REFUSES,
             dense_reason="its Qwen3-Next builds every layer as MoE (num_experts = 0 fails)",
         ),
     },
-    outputs=(Target(Arch.QWEN3_5, PLAIN),),
+    # Qwen3-Next names first: every engine that loads them reads them right. Qwen3.5 names
+    # with plain rows are what sglang's qwen3_5.py reads, but transformers and TensorRT-LLM
+    # would load them misread, so `choose` refuses that one (dense models).
+    outputs=(Target(Arch.QWEN3_NEXT, GROUPED), Target(Arch.QWEN3_5, PLAIN)),
     refuse_hint="serve the source checkpoint: sglang fuses the split projections at load",
     # srt/layers/quantization/utils.py: is_layer_skipped matches a packed module by its
     # split shard names (in_proj_b, in_proj_a), not by in_proj_ba.

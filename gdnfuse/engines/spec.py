@@ -104,7 +104,7 @@ class Target:
     rows: Rows
 
     def __str__(self) -> str:
-        names = "Qwen3-Next names (--arch qwen3-next)" if self.arch is Arch.QWEN3_NEXT else (
+        names = "Qwen3-Next names" if self.arch is Arch.QWEN3_NEXT else (
             "Qwen3.5 names")  # fmt: skip
         return f"{names}, {self.rows} rows"
 

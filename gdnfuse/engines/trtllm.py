@@ -22,8 +22,8 @@ SPEC = EngineSpec(
             fused_rows=GROUPED,
         ),
     },
-    # Qwen3-Next names first: sglang and transformers misread Qwen3.5 names with grouped rows.
-    # `--arch qwen3.5` picks the second (keeps a vision tower).
+    # Qwen3-Next names. Qwen3.5 names with grouped rows also load correctly in TensorRT-LLM,
+    # but sglang and transformers would misread them, so `choose` refuses that one.
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED), Target(Arch.QWEN3_5, GROUPED)),
     refuse_hint="serve the source checkpoint",
 )

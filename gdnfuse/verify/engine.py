@@ -4,7 +4,7 @@ The other checks prove the bytes and the layout; this one proves what users run.
 load the source and the output, greedy-generate from fixed token prompts, and require
 equal tokens and top-k logprobs (:func:`gdnfuse.engines.run.compare_generations`). sglang
 (loading only on CPU): every rank's parameters from the output equal those from the
-source. Engines gdnfuse cannot run are bad input (their rules are read, not run).
+source, fused GDN rows compared in the order each model's forward reads them. Engines gdnfuse cannot run are bad input (their rules are read, not run).
 """
 
 from __future__ import annotations
@@ -61,4 +61,4 @@ def check_engine(
                        f"{'; '.join(fails[:4])}{' ...' if len(fails) > 4 else ''}")]  # fmt: skip
     count = ranks[0].get("params", 0) if ranks else 0
     return [passed(name, f"sglang at TP {tp}: all {count} parameters of every rank equal the "
-                   "source's (loading only)")]  # fmt: skip
+                   "source's (fused rows in forward order; loading only)")]  # fmt: skip

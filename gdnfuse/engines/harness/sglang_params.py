@@ -5,8 +5,15 @@ rank processes (gloo); each builds sglang's model for checkpoint A and for check
 exactly as sglang's ModelRunner does on CPU (publish the runtime context, initialise the
 parallel groups, ModelConfig.from_server_args, adjust_config_with_unaligned_cpu_tp,
 model_loader.get_model) and compares every parameter of its rank. Equal parameters on every
-rank mean an equal forward. Loading only: sglang's CPU forward needs sgl_kernel, which has
-no CPU build on PyPI (import-time stand-ins for it must never be called; see stubs/).
+rank mean an equal forward. The fused GDN input projections are compared in the order the
+model's own forward reads them: each GDN module's ``fix_query_key_value_ordering`` (the
+function sglang's forward uses to split ``in_proj_qkvz``/``in_proj_ba`` outputs into q, k, v,
+z, b, a) is applied to row indices, and the rows are compared in that q, k, v, z / b, a
+order. For sglang's Qwen3.5 class that order is the identity; its Qwen3-Next class reads
+per-rank key-head groups, so a Qwen3-Next checkpoint compares equal to its split Qwen3.5
+source exactly when every row means the same thing on every rank. Loading only: sglang's
+CPU forward needs sgl_kernel, which has no CPU build on PyPI (import-time stand-ins for it
+must never be called; see stubs/).
 """
 
 import argparse
@@ -68,6 +75,36 @@ def _init(tp: int, rank: int, port: int, first: str) -> None:
     parallel_state.initialize_model_parallel(backend="gloo")
 
 
+def _row_order(module, rows_qkvz: int, rows_ba: int):
+    """Row indices of in_proj_qkvz / in_proj_ba in the q, k, v, z / b, a order ``module``'s
+    forward reads them (its own ``fix_query_key_value_ordering`` applied to indices)."""
+    import torch
+
+    qkvz = torch.arange(rows_qkvz, dtype=torch.float64).unsqueeze(0)
+    ba = torch.arange(rows_ba, dtype=torch.float64).unsqueeze(0)
+    parts = module.fix_query_key_value_ordering(qkvz, ba)
+    return [torch.cat([p.reshape(-1) for p in group]).round().long()
+            for group in (parts[:4], parts[4:])]  # fmt: skip
+
+
+def _params(model) -> dict:
+    """Every parameter of ``model``; fused GDN projections' rows in forward-read order."""
+    import torch
+
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        if not hasattr(module, "fix_query_key_value_ordering"):
+            continue
+        names = [f"{prefix}.in_proj_qkvz.weight", f"{prefix}.in_proj_ba.weight"]
+        orders = _row_order(module, out[names[0]].shape[0], out[names[1]].shape[0])
+        for name, order in zip(names, orders, strict=True):
+            w = out[name]
+            assert sorted(order.tolist()) == list(range(w.shape[0])), (name, "not a permutation")
+            # by bytes, so that any dtype (FP8 too) moves rows without arithmetic
+            out[name] = w.view(torch.uint8)[order].view(w.dtype)
+    return out
+
+
 def rank_main(a: str, b: str, tp: int, rank: int, port: int, out: str) -> None:
     _stand_in_ops()
     import torch
@@ -75,14 +112,14 @@ def rank_main(a: str, b: str, tp: int, rank: int, port: int, out: str) -> None:
     result: dict = {"rank": rank}
     try:
         _init(tp, rank, port, a)
-        ref = {n: p.detach().clone() for n, p in _load(a, tp, rank).named_parameters()}
+        ref = _params(_load(a, tp, rank))
     except Exception as e:  # noqa: BLE001
         result["a_refused"] = f"{type(e).__name__}: {e}"
         ref = None
     if ref is not None:
         result["params"] = len(ref)
         try:
-            got = dict(_load(b, tp, rank).named_parameters())
+            got = _params(_load(b, tp, rank))
         except Exception as e:  # noqa: BLE001 (a load failure is sglang refusing B)
             result["refused"] = f"{type(e).__name__}: {e}"
         else:
@@ -90,7 +127,7 @@ def rank_main(a: str, b: str, tp: int, rank: int, port: int, out: str) -> None:
             result["only_b"] = sorted(set(got) - set(ref))
             diff = {}
             for name in sorted(set(ref) & set(got)):
-                x, y = ref[name], got[name].detach()
+                x, y = ref[name], got[name]
                 if x.shape != y.shape or x.dtype != y.dtype:
                     diff[name] = f"{list(x.shape)} {x.dtype} vs {list(y.shape)} {y.dtype}"
                 elif not torch.equal(x, y):
