@@ -4,7 +4,8 @@ The other checks prove the bytes and the layout; this one proves what users run.
 load the source and the output, greedy-generate from fixed token prompts, and require
 equal tokens and top-k logprobs (:func:`gdnfuse.engines.run.compare_generations`). sglang
 (loading only on CPU): every rank's parameters from the output equal those from the
-source, fused GDN rows compared in the order each model's forward reads them. Engines gdnfuse cannot run are bad input (their rules are read, not run).
+source, fused GDN rows compared in the order each model's forward reads them. Engines
+gdnfuse cannot run are bad input (their rules are read, not run).
 """
 
 from __future__ import annotations
