@@ -180,7 +180,7 @@ def inspect(
                 try:
                     writes[spec.name] = str(engines.choose(spec, facts))
                 except GdnfuseError as e:
-                    writes[spec.name] = f"refused: {e}"
+                    writes[spec.name] = f"refused: {e.for_cli()}"
         found = loaders.to_json(engines.judge_all(facts))
         for name, entry in found.items():
             if writes:
@@ -592,7 +592,7 @@ def _demo_verify(dst: Path, src: Path, tp: int) -> int:
 
         report = run_verify(dst, against=src, tp=tp)
     except GdnfuseError as e:  # verify needs torch; the converter does not
-        out.print(Text(f"verify skipped: {e}", style="yellow"))
+        out.print(Text(f"verify skipped: {e.for_cli()}", style="yellow"))
         return 0
     out.print(report.table() if out.is_terminal else Text("\n".join(report.lines())),
               soft_wrap=True)  # fmt: skip

@@ -302,3 +302,6 @@ def test_api_errors_name_keywords_and_cli_errors_name_flags(tmp_path: Path) -> N
         proc = run_cli("convert", src, "--out", kw["out"], *" ".join(args).split())
         line = error_line(proc)
         assert proc.returncode == 2 and all(f in line for f in flags), line
+    # inspect's per-engine refusals (dense source: vllm refused) are CLI text too
+    shown = run_cli("inspect", src).stdout
+    assert "refused: --engine vllm:" in shown and "engine='" not in shown, shown
