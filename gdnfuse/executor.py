@@ -152,7 +152,7 @@ def execute(
 ) -> tuple[FileResult, ...]:
     """Write every file of ``plan`` under ``out_dir``; returns one result per file.
 
-    ``settings``: the caller's options that shaped the plan (``{"--tp": 2, ...}``), kept in
+    ``settings``: the caller's options that shaped the plan (``{"tp": 2, ...}``), kept in
     the journal so that a mismatching ``resume`` can say which one differs.
 
     ``sources``: what identifies each source file (recorded in the journal; ``resume``
@@ -317,7 +317,7 @@ def _resume_mismatch(head: Mapping[str, Any], want: Mapping[str, Any]) -> str:
     was, given = head.get("settings") or {}, want.get("settings") or {}
     for key in sorted(set(was) | set(given)):
         if was.get(key) != given.get(key):
-            name = key.removeprefix("--")  # journals of gdnfuse <= 0.4 said "--tp"
+            name = key.removeprefix("--")  # journals written before this keying said "--tp"
             return (
                 f"{option('resume', True)} with {option(name, given.get(key))} but the "
                 f"interrupted run used {option(name, was.get(key))}; rerun with the same "

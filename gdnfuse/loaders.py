@@ -82,9 +82,3 @@ def to_json(found: dict[str, Verdict]) -> dict[str, dict[str, str]]:
                "version": specs[name].version, "evidence": specs[name].evidence}
         for name, v in found.items()
     }  # fmt: skip
-
-
-def misreaders(found: dict[str, Verdict]) -> list[str]:
-    """Labels of the engines that would load it and compute something else."""
-    specs = {s.name: s for s in engines.ENGINES}
-    return [specs[n].label for n, v in found.items() if v.outcome is engines.Outcome.MISREADS]
