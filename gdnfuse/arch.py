@@ -15,12 +15,12 @@ becomes which output tensors (:class:`Piece`), and the new config.json. The fusi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.model import FAMILIES, ModelInfo, TensorRef
 from gdnfuse.quant import IGNORE_LISTS
 from gdnfuse.safetensors_file import DTYPE_BYTES
@@ -74,7 +74,10 @@ _SHARED_DEFAULTS: dict[str, Any] = {
     "router_aux_loss_coef": 0.001, "output_router_logits": False,
 }  # fmt: skip
 _PASSTHROUGH = ("mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "pad_token_id",
-                "bos_token_id", "eos_token_id")  # fmt: skip
+                "bos_token_id", "eos_token_id", "mamba_ssm_dtype", "attn_output_gate",
+                "max_window_layers", "use_sliding_window", "sliding_window")  # fmt: skip
+"""Keys read by some Qwen3-Next reader that mean the same there (``mamba_ssm_dtype``: the
+recurrent state's dtype, sglang's ``mamba2_state_dtype``; ``attn_output_gate``: sglang)."""
 _MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 
 
@@ -116,11 +119,49 @@ class Relabel:
         return (Piece(self.rename(name), shape, 0, nbytes),)
 
 
+VISION_SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
+                     "processor_config.json")  # fmt: skip
+"""Side files only the vision tower uses (image and video processors): a text-only output
+leaves them out, so that no processor loader offers images to a model that cannot see."""
+
+
+def vision_tensors(tensors: Mapping[str, TensorRef], model: ModelInfo) -> dict[str, int]:
+    """The vision tower's tensors (name -> bytes) of a ConditionalGeneration checkpoint."""
+    if FAMILIES.get(model.model_type) == "model.":
+        return {}
+    return {n: r.info.nbytes for n, r in tensors.items() if n.startswith(VISUAL_PREFIX)}
+
+
+def vision_side_files(names: Iterable[str], relabel: Relabel | None) -> list[str]:
+    """The side files a text-only output leaves out (none when no vision tower is dropped)."""
+    if relabel is None or not relabel.summary.get("dropped_tensors"):
+        return []
+    return sorted(n for n in names if n in VISION_SIDE_FILES)
+
+
 def plan_relabel(
-    tensors: Mapping[str, TensorRef], config: Mapping[str, Any], model: ModelInfo
+    tensors: Mapping[str, TensorRef],
+    config: Mapping[str, Any],
+    model: ModelInfo,
+    *,
+    text_only: bool = False,
 ) -> Relabel:
-    """Plan the Qwen3-Next names of every tensor and its config; refuse what it cannot say."""
+    """Plan the Qwen3-Next names of every tensor and its config; refuse what it cannot say.
+
+    Qwen3-Next is text only: a vision tower is left out only when ``text_only`` says the
+    user accepts an output that can no longer read images; otherwise a one-line refusal.
+    """
     prefix = FAMILIES[model.model_type]
+    vision = vision_tensors(tensors, model)
+    if vision and not text_only:
+        size = sum(vision.values())
+        raise GdnfuseError(
+            f"the source has a vision tower ({VISUAL_PREFIX}*: {len(vision)} tensors, "
+            f"{size:,} bytes) and a Qwen3-Next checkpoint is text only, so this output "
+            "could not read images. To serve images, serve the source (vLLM and sglang load "
+            f"it as it is); to write the language model alone, add {option('text_only', True)}",
+            path="config.json",
+        )
     text = config["text_config"] if model.text_config_key else config
     moe = model.model_type in ("qwen3_5_moe", "qwen3_5_moe_text")
     pieces: dict[str, tuple[Piece, ...]] = {}
@@ -159,9 +200,8 @@ def plan_relabel(
         "source_model_type": model.model_type,
         "dropped_tensors": dropped,
         "dropped_bytes": dropped_bytes,
-        "dropped_reason": "vision tower (model.visual.*): Qwen3-Next is text-only"
-        if dropped
-        else None,
+        "dropped_reason": "vision tower (model.visual.*) left out on request: Qwen3-Next is "
+        "text-only" if dropped else None,
         "experts": "split from fused gate_up_proj/down_proj" if split_experts else (
             "per expert" if moe else "dense MLP (num_experts=0, mlp_only_layers=all)"),
         "fused_expert_tensors_split": split_experts,
@@ -248,7 +288,7 @@ def layer_types(text: Mapping[str, Any], layers: int) -> list[str]:
     return list(kinds)
 
 
-def _rope(text: Mapping[str, Any]) -> dict[str, Any]:
+def rope_of(text: Mapping[str, Any]) -> dict[str, Any]:
     """Plain partial RoPE with Qwen3.5's theta and factor (text-only MRoPE is exactly that)."""
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     if not isinstance(rope, Mapping) or any(isinstance(v, Mapping) for v in rope.values()):
@@ -288,7 +328,14 @@ def qwen3_next_config(config: Mapping[str, Any], model: ModelInfo) -> dict[str, 
         and len(full) == layers // (full[0] + 1)
     ):
         out["full_attention_interval"] = full[0] + 1  # engines that predate layer_types read it
-    out["rope_parameters"] = _rope(text)
+    rope = rope_of(text)
+    out["rope_parameters"] = rope
+    # Readers that predate rope_parameters take the base and rotary fraction from the top level
+    # and default to 10,000 / 0.25 without a word: sglang 0.5.23's Qwen3NextConfig
+    # (srt/configs/qwen3_next.py), transformers 4.57's Qwen3NextConfig, mlx-lm 0.32's
+    # qwen3_next.ModelArgs (required fields). The same values in both places.
+    out["rope_theta"] = rope["rope_theta"]
+    out["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if moe:
         out.update(
             num_experts=_get(text, "num_experts", model),
@@ -301,11 +348,15 @@ def qwen3_next_config(config: Mapping[str, Any], model: ModelInfo) -> dict[str, 
         )
     else:
         out.update(
-            intermediate_size=_get(text, "intermediate_size", model),
             num_experts=0,
             mlp_only_layers=list(range(layers)),
             decoder_sparse_step=1,
         )
+    # Dense MLP width: used by dense layers only, yet a required field of mlx-lm's qwen3_next
+    # ModelArgs, so MoE outputs carry it too. Qwen3.5-MoE configs have none; no MoE layer
+    # reads it (mlp_only_layers is empty), so the shared expert's width stands in.
+    out["intermediate_size"] = _get(text, "intermediate_size", model) if not moe else (
+        text.get("intermediate_size") or out["shared_expert_intermediate_size"])  # fmt: skip
     # The ConditionalGeneration model ties by its top-level flag; a text-only one by its own.
     out["tie_word_embeddings"] = bool(
         (config if conditional else text).get("tie_word_embeddings", False)
@@ -315,6 +366,11 @@ def qwen3_next_config(config: Mapping[str, Any], model: ModelInfo) -> dict[str, 
             out[key] = text[key]
         elif key in config:
             out[key] = config[key]
+    mtp = out.get("mtp_num_hidden_layers")
+    if isinstance(mtp, int) and mtp > 0:
+        # vLLM's Qwen3-Next MTP (config/speculative.py, models/qwen3_next_mtp.py) counts its
+        # layers by this name; Qwen3.5 readers by mtp_num_hidden_layers.
+        out["num_nextn_predict_layers"] = mtp
     dtype = text.get("dtype") or config.get("dtype") or config.get("torch_dtype")
     if dtype:
         out["dtype"] = dtype

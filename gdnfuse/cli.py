@@ -63,6 +63,16 @@ EngineOpt = Annotated[
         "stamped so that no engine loads it (none reads the layout record); see `inspect`.",
     ),
 ]
+TextOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--text-only",
+        help="Accept a text-only output of a vision-language source: Qwen3-Next outputs "
+        "(every --engine, --arch qwen3-next) have no vision tower, so without this flag such a "
+        "source is refused rather than silently losing images. Its image and video processor "
+        "configs are left out too.",
+    ),
+]
 TpOpt = Annotated[
     int, typer.Option("--tp", min=1, help="Tensor-parallel size; must divide linear_num_key_heads.")
 ]
@@ -152,6 +162,7 @@ def inspect(
     layout: LayoutOpt = None,
     tp: TpOpt = 1,
     engine: EngineOpt = None,
+    text_only: TextOnlyOpt = False,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
     cache_dir: CacheOpt = None,
@@ -167,6 +178,7 @@ def inspect(
     config.json, the index and the safetensors headers (for a Hub repo: HTTP range reads).
     """
     from gdnfuse import engines, loaders
+    from gdnfuse.arch import Arch
     from gdnfuse.convert import plan_source
 
     with _errors():
@@ -175,12 +187,19 @@ def inspect(
         summary: dict[str, Any] = {}
         writes: dict[str, str] = {}
         if not facts.fused:
-            summary = plan_source(path, layout, tp, record, engine=engine).summary()
+            summary = plan_source(path, layout, tp, record, engine=engine,
+                                  text_only=text_only).summary()  # fmt: skip
+            vision = summary.get("vision_tower_tensors", 0)
             for spec in engines.ENGINES:
                 try:
-                    writes[spec.name] = str(engines.choose(spec, facts))
+                    target = engines.choose(spec, facts)
                 except GdnfuseError as e:
                     writes[spec.name] = f"refused: {e.for_cli()}"
+                    continue
+                writes[spec.name] = str(target)
+                if vision and target.arch is Arch.QWEN3_NEXT:
+                    writes[spec.name] = (f"with --text-only: {target}, no vision tower "
+                                         f"({vision} tensors left out); without: refused")
         found = loaders.to_json(engines.judge_all(facts))
         for name, entry in found.items():
             if writes:
@@ -251,6 +270,7 @@ def convert(
             "qwen3-next.",
         ),
     ] = None,
+    text_only: TextOnlyOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
@@ -294,7 +314,7 @@ def convert(
         if dry_run:
             from gdnfuse.convert import preflight
 
-            cplan = plan_source(path, layout, tp, record, arch, engine)
+            cplan = plan_source(path, layout, tp, record, arch, engine, text_only=text_only)
             preflight(cplan, path, out_dir, options)  # the checks a real run makes first
             found = loaders.to_json(engines.judge_all(loaders.plan_facts(cplan)))
             if json_out:
@@ -313,6 +333,8 @@ def convert(
                 out.print(table)
                 out.print(_engine_table(f"engines loading {out_dir} once written", found),
                           soft_wrap=True)
+            if not json_out:
+                _warn_text_only(cplan.summary())
             return
         show = not quiet and not json_out and err.is_terminal
         with _progress(show) as (on_plan, advance), _sigterm_interrupts():
@@ -320,7 +342,7 @@ def convert(
                 result = run_convert(
                     path, out_dir, layout=layout, tp=tp, options=options,
                     progress=advance, on_plan=on_plan, record_source=record, arch=arch,
-                    fetch=fetch, engine=engine,
+                    fetch=fetch, engine=engine, text_only=text_only,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 again = ["gdnfuse", "convert", source, "--out", str(out_dir), "--resume"]
@@ -331,20 +353,47 @@ def convert(
                 ):  # fmt: skip
                     if value != default:
                         again += [flag, str(value)]
-                again += [f for f, on in (("--link", link), ("--checksum", checksum)) if on]
+                again += [f for f, on in (("--link", link), ("--checksum", checksum),
+                                          ("--text-only", text_only)) if on]  # fmt: skip
                 raise Interrupted(
                     "interrupted; nothing in the output looks complete. Finish with: "
                     + shlex.join(again)
                 ) from None
         found = loaders.to_json(engines.judge_all(loaders.read_facts(out_dir)))
+    loaded_by = [e["engine"] for e in found.values() if e["outcome"] == "loads"]
     if json_out:
-        print(json.dumps({**result.summary(), "engines": found}))
+        print(json.dumps({**result.summary(), "engines": found, "loaded_by": loaded_by}))
     elif not quiet:
         out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()),
                   soft_wrap=True)
         out.print(_engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
     _warn_skipped(result.summary())
+    _warn_text_only(result.summary())
     _warn_misreaders(found)
+    _warn_unservable(loaded_by)
+
+
+def _warn_unservable(loaded_by: list[str]) -> None:
+    """One line when no engine gdnfuse knows loads the output as it is (the stamped default)."""
+    if not loaded_by:
+        err.print(Text.assemble(("note: ", "bold yellow"),
+                                "no engine loads this output as it is (stamped so that none "
+                                "misreads it); to serve it, convert with --engine E (see "
+                                "`gdnfuse inspect SOURCE`). vLLM and sglang serve the split "
+                                "source as it is: they fuse at load"), soft_wrap=True)  # fmt: skip
+
+
+def _warn_text_only(summary: dict[str, Any]) -> None:
+    """One line when the output leaves the source's vision tower out (``--text-only``)."""
+    arch = summary.get("arch") or {}
+    if arch.get("dropped_tensors"):
+        files = arch.get("dropped_files") or []
+        err.print(Text.assemble(("note: ", "bold yellow"),
+                                f"text-only output: the vision tower ({arch['dropped_tensors']} "
+                                f"tensors, {_human(arch.get('dropped_bytes', 0))})"
+                                + (f" and {', '.join(files)}" if files else "")
+                                + " are left out (--text-only); to serve images, serve the "
+                                "source"), soft_wrap=True)  # fmt: skip
 
 
 def _warn_skipped(summary: dict[str, Any]) -> None:
@@ -543,9 +592,10 @@ def demo(
 ) -> None:
     """Convert and verify a built-in example checkpoint, then say what to try next.
 
-    Writes a small Qwen3.5-shaped checkpoint (nk=4, nv=12: r=3), converts it with --tp 2 in
-    both layouts and for transformers (--arch qwen3-next), verifies each against the source,
-    and prints the commands it ran so you can paste them.
+    Writes a small Qwen3.5-shaped vision-language checkpoint (nk=4, nv=12: r=3; RoPE base 1e7,
+    MTP and a vision tower, as released), converts it with --tp 2 in both layouts and for
+    transformers (--engine transformers --text-only), verifies each against the source, and
+    prints the commands it ran so you can paste them.
     """
     import shutil
 
@@ -559,14 +609,17 @@ def demo(
             src = write_checkpoint(root / "qwen3.5-tiny", "tiny", shard_bytes=200_000,
                                    dtype="BF16")  # fmt: skip
             out.print(Text.assemble("wrote example checkpoint ", (str(src), "bold")))
-            for flags in (["--tp", str(tp)], ["--tp", str(tp), "--layout", "tp-blocked"],
-                          ["--tp", str(tp), "--engine", "transformers"]):  # fmt: skip
-                dst = root / f"fused{'-' + flags[-1] if len(flags) > 2 else ''}"
-                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {' '.join(flags)} "
-                               "--overwrite", style="bold"), soft_wrap=True)  # fmt: skip
-                kw = dict(zip(flags[0::2], flags[1::2], strict=True))
+            for name, flags in (("fused", []), ("fused-tp-blocked", ["--layout", "tp-blocked"]),
+                                ("fused-transformers", ["--engine", "transformers",
+                                                        "--text-only"])):  # fmt: skip
+                dst = root / name
+                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} --tp {tp} "
+                               f"{' '.join(flags)} --overwrite", style="bold"),
+                          soft_wrap=True)  # fmt: skip
+                kw = dict(zip(flags[0::2], flags[1::2], strict=False))
                 result = run_convert(src, dst, tp=tp, layout=kw.get("--layout"),
-                                     engine=kw.get("--engine"), overwrite=True)  # fmt: skip
+                                     engine=kw.get("--engine"), overwrite=True,
+                                     text_only="--text-only" in flags)  # fmt: skip
                 out.print(_summary_table(f"converted {src.name} -> {dst.name}", result.summary()),
                           soft_wrap=True)  # fmt: skip
                 out.print(Text(f"$ gdnfuse verify {dst} --against {src}", style="bold"),

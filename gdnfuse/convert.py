@@ -145,6 +145,7 @@ def plan_source(
     arch: Arch | str | None = None,
     engine: str | None = None,
     block: int = CLONE_BLOCK,
+    text_only: bool = False,
 ) -> ConversionPlan:
     """Plan the conversion of a local checkpoint directory (reads headers only).
 
@@ -152,6 +153,8 @@ def plan_source(
     ``layout`` and ``arch``, when also given, must agree with it. Without an engine the
     output keeps ``arch`` (default Qwen3.5) and ``layout`` (default qwen3-next), and is
     stamped when some engine would load it with misread rows (every Qwen3.5-named one).
+    ``text_only``: a Qwen3-Next output (every ``engine`` output) of a vision-language source
+    leaves the vision tower out; without it such a plan is refused in one line.
     """
     _check_args(tp=tp)
     layout, arch = _enum(Layout, layout, "layout"), _enum(Arch, arch, "arch")
@@ -159,7 +162,8 @@ def plan_source(
         ckpt = open_checkpoint(source)
         out = resolve_output(ckpt, layout, tp, arch, engine)
         return plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
-                               stamp=out.stamp, serves=out.serves, block=block)  # fmt: skip
+                               stamp=out.stamp, serves=out.serves, block=block,
+                               text_only=text_only)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,7 @@ def convert(
     tp: int = 1,
     engine: str | None = None,
     arch: Arch | str | None = None,
+    text_only: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     link: bool = False,
@@ -243,8 +248,9 @@ def convert(
     """Convert the checkpoint ``source`` (a directory, or a Hub repo id ``org/name``) into ``out``.
 
     ``engine``: write what that engine serves correctly (``"vllm"``, ``"sglang"``, ...);
-    otherwise ``layout`` (default ``"qwen3-next"``) and ``arch``. ``overwrite``, ``resume``,
-    ``link``, ``workers``, ``checksum``, ``fsync``: as the CLI options of the same names
+    otherwise ``layout`` (default ``"qwen3-next"``) and ``arch``. ``text_only``: accept a
+    Qwen3-Next output of a vision-language source without its vision tower. ``overwrite``,
+    ``resume``, ``link``, ``workers``, ``checksum``, ``fsync``: as the CLI options of the same names
     (``options`` gives them all at once instead). ``on_plan`` sees the plan before any byte
     is written (to size a progress bar). With ``fetch``, ``source`` holds stand-ins
     (headers, sizes) and the bytes are read from ``fetch.root`` as they arrive; the output
@@ -263,11 +269,12 @@ def convert(
         from gdnfuse import hub
 
         source, record_source = hub.fetch(str(source), revision=revision, out=Path(out))
-    cplan = plan_source(source, layout, tp, record_source, arch, engine, block=fs_block(Path(out)))
+    cplan = plan_source(source, layout, tp, record_source, arch, engine, block=fs_block(Path(out)),
+                        text_only=text_only)  # fmt: skip
     if fetch is not None:
         cplan = relocate(cplan, Path(source), fetch.root)
     settings = {"tp": tp, "layout": str(cplan.layout), "engine": engine,
-                "arch": str(Arch(arch)) if arch else None}  # fmt: skip
+                "arch": str(Arch(arch)) if arch else None, "text_only": text_only}  # fmt: skip
     out_path = Path(out)
     stale, identity = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
                                 fetched=fetch is not None)  # fmt: skip

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gdnfuse import __version__
-from gdnfuse.arch import Arch, Relabel, plan_relabel
+from gdnfuse.arch import Arch, Relabel, plan_relabel, vision_side_files, vision_tensors
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from gdnfuse.engines import STAMP_KEY, stamp_config
 from gdnfuse.errors import GdnfuseError, option
@@ -57,6 +57,7 @@ class ConversionPlan:
     arch: Mapping[str, Any] | None = None  # what --arch re-labelling did (Relabel.summary)
     ignored: tuple[str, ...] = ()  # *.safetensors not named by the index: left out
     not_regular: tuple[str, ...] = ()  # FIFOs, sockets, devices in the source: never read
+    vision_tensors: int = 0  # the source's vision tower (kept, or left out with text_only)
 
     @property
     def layers(self) -> int:
@@ -101,6 +102,7 @@ class ConversionPlan:
             "bytes_total": self.plan.total_bytes,
             "bytes_clonable": self.bytes_clonable,
             "layers": sorted({g.prefix.removesuffix(".") for g in self.groups}),
+            **({"vision_tower_tensors": self.vision_tensors} if self.vision_tensors else {}),
             **({"arch": dict(self.arch)} if self.arch else {}),
             **({"ignored_files": list(self.ignored)} if self.ignored else {}),
             **({"not_regular_files": list(self.not_regular)} if self.not_regular else {}),
@@ -117,6 +119,7 @@ def plan_conversion(
     stamp: bool = False,
     serves: Mapping[str, Any] | None = None,
     block: int | None = CLONE_BLOCK,
+    text_only: bool = False,
 ) -> ConversionPlan:
     """Plan the conversion of ``ckpt``; raises :class:`GdnfuseError` for anything unfit.
 
@@ -127,7 +130,9 @@ def plan_conversion(
     ``serves`` is recorded as the record's ``engine`` entry (what the output was made for).
     ``block``: the output filesystem's block size; each rewritten shard's header is padded
     so that its data starts at its source's data start modulo ``block`` whenever that lets
-    more bytes be cloned on a copy-on-write filesystem (None: never pad).
+    more bytes be cloned on a copy-on-write filesystem (None: never pad). ``text_only``:
+    leave a vision tower out (``arch=Arch.QWEN3_NEXT`` only; without it such a source is
+    refused, never silently reduced to text).
     """
     gdn = refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
@@ -138,6 +143,7 @@ def plan_conversion(
             "no split GDN projections (linear_attn.in_proj_qkv/z/b/a) found", path=str(ckpt.root)
         )
     check_layer_types(groups, ckpt.config, model)
+    vision = len(vision_tensors(ckpt.tensors, model))
     check_tp(model.dims, tp)
     check_quantization(model, groups)
     relabel: Relabel | None = None
@@ -148,7 +154,15 @@ def plan_conversion(
                 f"(Qwen3-Next loaders expect it), not {layout}"
             )
         tensors = ckpt.tensors
-        relabel = plan_relabel(tensors, ckpt.config, model)
+        relabel = plan_relabel(tensors, ckpt.config, model, text_only=text_only)
+    elif text_only and vision:
+        raise GdnfuseError(
+            f"{option('text_only', True)} drops the vision tower only from Qwen3-Next outputs "
+            f"({option('arch', 'qwen3-next')} or {option('engine')}); a Qwen3.5 output keeps it"
+        )
+    left_out = vision_side_files(ckpt.side_files, relabel)
+    if relabel is not None and left_out:
+        relabel = replace(relabel, summary={**relabel.summary, "dropped_files": left_out})
     record = {
         "format": RECORD_FORMAT,
         "layout": str(layout),
@@ -227,7 +241,7 @@ def plan_conversion(
         files.append(_congruent(shard, entries, metadata, coalesce_extents(extents), header, block))
         rewritten.append(shard)
 
-    side = [f for f in ckpt.side_files if f != CONFIG_NAME]
+    side = [f for f in ckpt.side_files if f != CONFIG_NAME and f not in left_out]
     files += [
         OutputFile(f, extents=(Extent(str(ckpt.root / f), 0, ckpt.side_files[f]),)) for f in side
     ]
@@ -246,7 +260,7 @@ def plan_conversion(
     return ConversionPlan(
         Plan(tuple(files)), model, layout, tp, groups, tuple(rewritten), tuple(untouched),
         record, tuple(side), relabel.summary if relabel else None, ckpt.ignored,
-        ckpt.not_regular,
+        ckpt.not_regular, vision,
     )  # fmt: skip
 
 

@@ -130,8 +130,8 @@ def test_brackets_in_paths_are_text_not_markup(src: Path, tmp_path: Path) -> Non
 
 
 def test_dangling_side_file_is_one_line(src: Path) -> None:
-    (src / "vocab.json").symlink_to("/nonexistent/blob")
-    assert "vocab.json" in one_line_error(cli("inspect", str(src)))
+    (src / "special_tokens_map.json").symlink_to("/nonexistent/blob")
+    assert "special_tokens_map.json" in one_line_error(cli("inspect", str(src)))
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,7 @@ def test_off_a_terminal_every_check_is_one_plain_line(src: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].endswith("PASSED") and not re.search("[┃│┏━]", proc.stdout)
-    assert all(re.match(r"(PASS|FAIL|SKIP) \S+ +\S", ln) for ln in lines[1:]), lines
+    assert all(re.match(r"(PASS|FAIL|SKIP|INFO) \S+ +\S", ln) for ln in lines[1:]), lines
     assert any(ln.startswith("PASS structure.header") for ln in lines)
     conv = run_cli("convert", src, "--out", tmp_path / "o2")
     assert not re.search("[┃│┏━]", conv.stdout) and "  bytes_rewritten: " in conv.stdout

@@ -64,7 +64,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path
             fuse_experts_on_disk(src)
         out = root / f"{key}.out"
         convert(src, out, layout=Layout.QWEN3_NEXT, tp=tp, arch=Arch.QWEN3_NEXT,
-                options=ExecuteOptions(workers=1))  # fmt: skip
+                text_only=True, options=ExecuteOptions(workers=1))  # fmt: skip
         done[key] = (src, out)
     return done
 

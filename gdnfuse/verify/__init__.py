@@ -161,7 +161,20 @@ def verify(
         record=ck.raw_record if isinstance(ck.raw_record, dict) else None,
         seconds=time.perf_counter() - started,
         settings=settings,
+        loaded_by=_loaded_by(ck.root),
     )
+
+
+def _loaded_by(root: Path) -> tuple[str, ...] | None:
+    """The engines whose rules say they load this checkpoint as it is (information)."""
+    from gdnfuse import engines, loaders
+
+    try:
+        found = loaders.verdicts(root)
+    except GdnfuseError:  # a checkpoint the rules cannot describe: the checks say why
+        return None
+    labels = {s.name: s.label for s in engines.ENGINES}
+    return tuple(labels[n] for n, v in found.items() if v.outcome is engines.Outcome.LOADS)
 
 
 def _need_torch(device: str) -> None:

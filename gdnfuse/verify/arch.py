@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gdnfuse.arch import KEPT_TOP_LEVEL, TARGET_MODEL_TYPE, VISUAL_PREFIX
+from gdnfuse.arch import KEPT_TOP_LEVEL, TARGET_MODEL_TYPE, VISUAL_PREFIX, rope_of
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
+from gdnfuse.errors import GdnfuseError
 from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.model import ModelInfo, TensorRef
 from gdnfuse.safetensors_file import DTYPE_BYTES
@@ -203,12 +204,33 @@ def check_arch_config(
                     file=CONFIG_NAME,
                 )
             )
+    fails += _rope_fails(ck, text, name)
     return outcome(
         name,
         fails,
         f"rebuilt {TARGET_MODEL_TYPE} config: record arch entry agrees with the source "
-        f"({src_model.model_type}), shape fields equal the source's text config",
+        f"({src_model.model_type}), shape fields and RoPE (base, rotary fraction, in "
+        "rope_parameters and at the top level) equal the source's text config",
     )
+
+
+def _rope_fails(ck: FusedCheckpoint, text: Mapping[str, Any], name: str) -> list[CheckResult]:
+    """RoPE base and rotary fraction where each Qwen3-Next reader takes them (engines that
+    predate ``rope_parameters`` read the top level, defaulting silently to 10,000 / 0.25)."""
+    try:
+        want = rope_of(text)
+    except GdnfuseError:
+        return []
+    got_nested = ck.config.get("rope_parameters")
+    got_nested = got_nested if isinstance(got_nested, Mapping) else {}
+    fails = []
+    for key in ("rope_theta", "partial_rotary_factor"):
+        for where, got in ((f"rope_parameters.{key}", got_nested.get(key)),
+                           (key, ck.config.get(key))):  # fmt: skip
+            if got != want[key]:
+                fails.append(failed(name, f"{where} is {got!r}, the source's RoPE has "
+                                    f"{want[key]!r}", file=CONFIG_NAME))  # fmt: skip
+    return fails
 
 
 def dropped_result(expected: Expected) -> CheckResult:

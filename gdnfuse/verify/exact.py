@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gdnfuse.arch import TARGET_MODEL_TYPE
+from gdnfuse.arch import TARGET_MODEL_TYPE, VISION_SIDE_FILES
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.fusion import RECORD_KEY, local_source
@@ -124,7 +124,7 @@ def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
         return [
             *_source(ck, src),
             *config,
-            *_side_files(ck, src, reader),
+            *_side_files(ck, src, reader, _left_out(src, expected) if names.relabelled else ()),
             *_fused(ck, src, groups, model, names, reader),
             *_others(ck, src, groups, names, expected, reader),
             *([dropped_result(expected)] if names.relabelled else []),
@@ -169,9 +169,22 @@ def _config(ck: FusedCheckpoint, src: Checkpoint, quantized: bool) -> list[Check
     return outcome("exact.config", fails, "config.json = source's + layout record")
 
 
-def _side_files(ck: FusedCheckpoint, src: Checkpoint, reader: Reader) -> list[CheckResult]:
+def _left_out(src: Checkpoint, expected: Expected) -> tuple[str, ...]:
+    """Side files a text-only output leaves out with the vision tower it drops."""
+    if not expected.dropped:
+        return ()
+    return tuple(sorted(f for f in src.side_files if f in VISION_SIDE_FILES))
+
+
+def _side_files(
+    ck: FusedCheckpoint, src: Checkpoint, reader: Reader, left_out: tuple[str, ...] = ()
+) -> list[CheckResult]:
     fails = []
-    names = [f for f in src.side_files if f != CONFIG_NAME]
+    for name in left_out:  # the vision tower's processors: present would offer images
+        if (ck.root / name).exists():
+            fails.append(failed("exact.side_files", "the vision tower is left out, yet its "
+                                "processor config was carried over", file=name))  # fmt: skip
+    names = [f for f in src.side_files if f != CONFIG_NAME and f not in left_out]
     for name in names:
         ours, theirs = ck.root / name, src.root / name
         if not ours.is_file():
@@ -192,7 +205,9 @@ def _side_files(ck: FusedCheckpoint, src: Checkpoint, reader: Reader) -> list[Ch
             fails.append(
                 failed("exact.side_files", f"differs from the source at byte {d}", file=name)
             )
-    return outcome("exact.side_files", fails, f"{len(names)} side files identical to the source")
+    gone = f"; {', '.join(left_out)} left out with the vision tower" if left_out else ""
+    return outcome("exact.side_files", fails,
+                   f"{len(names)} side files identical to the source{gone}")  # fmt: skip
 
 
 def _start(root: Path, shards: Any, ref: TensorRef) -> tuple[Path, int]:

@@ -86,6 +86,9 @@ class VerifyReport:
     record: Mapping[str, Any] | None = None
     seconds: float = 0.0
     settings: Mapping[str, Any] = field(default_factory=dict)
+    loaded_by: tuple[str, ...] | None = None
+    """Engines that load the checkpoint as it is and compute what it holds (gdnfuse's rules,
+    :mod:`gdnfuse.engines`): information, never a failure. None: not determined."""
 
     @property
     def ok(self) -> bool:
@@ -118,7 +121,19 @@ class VerifyReport:
         for c in self.checks:
             where = f" [{c.where}]" if c.where else ""
             out.append(f"{c.status} {c.name:{width}}  {c.detail}{where}")
+        if self.served is not None:
+            out.append(self.served)
         return out
+
+    @property
+    def served(self) -> str | None:
+        """One line: which engines load this checkpoint as it is (None when not determined)."""
+        if self.loaded_by is None:
+            return None
+        if not self.loaded_by:
+            return ("INFO no engine gdnfuse knows loads this checkpoint as it is (a stamped "
+                    "output?); convert with --engine E to serve it")  # fmt: skip
+        return f"INFO loaded as it is by: {', '.join(self.loaded_by)} (`gdnfuse inspect` says why)"
 
     def table(self) -> Table:
         # Text, not markup: paths and tensor names may contain [brackets].
@@ -137,6 +152,8 @@ class VerifyReport:
         for c in self.checks:
             table.add_row(Text(c.name), Text(c.status, style[c.status]), Text(c.where),
                           Text(c.detail))  # fmt: skip
+        if self.served is not None:
+            table.caption = Text(self.served.removeprefix("INFO "))
         return table
 
     def to_json(self) -> dict[str, Any]:
@@ -149,6 +166,7 @@ class VerifyReport:
             "seconds": round(self.seconds, 3),
             "failures": [c.to_json() for c in self.failures],
             "checks": [c.to_json() for c in self.checks],
+            "loaded_by": None if self.loaded_by is None else list(self.loaded_by),
         }
 
     def to_junit(self) -> str:
