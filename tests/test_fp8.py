@@ -89,9 +89,12 @@ def dequantize(w: Tensor, s: Tensor, block: tuple[int, int]) -> Tensor:
 
 
 def ignore_list(conditional: bool = True, order: str = "ba") -> list[str]:
-    """An official-style ``modules_to_not_convert``: b/a of every GDN layer among others."""
+    """A ``modules_to_not_convert`` as released FP8 checkpoints list it: the head, the
+    embeddings, every norm, the GDN layers' b/a, conv1d, A_log, dt_bias and norm, the
+    attention q/k norms, the vision tower's blocks and the MTP module's fc and norms (the
+    layer names of Qwen3.5/3.6-FP8 and Qwen3-Next-FP8 configs)."""
     p = PREFIX if conditional else "model."
-    out = ["lm_head", f"{p}embed_tokens"] + (["model.visual"] if conditional else [])
+    out = ["lm_head", f"{p}embed_tokens"]
     for i in (*LINEAR_LAYERS, FULL_LAYER):
         out.append(f"{p}layers.{i}.input_layernorm")
         if i in LINEAR_LAYERS:
@@ -99,8 +102,17 @@ def ignore_list(conditional: bool = True, order: str = "ba") -> list[str]:
             first, second = (
                 ("in_proj_b", "in_proj_a") if order == "ba" else ("in_proj_a", "in_proj_b")
             )
-            out += [la + "conv1d", la + first, la + "norm", la + second, la + "A_log"]
+            out += [la + "A_log", la + "conv1d", la + "dt_bias", la + first, la + second,
+                    la + "norm"]  # fmt: skip
+        else:
+            out += [f"{p}layers.{i}.self_attn.q_norm", f"{p}layers.{i}.self_attn.k_norm"]
         out.append(f"{p}layers.{i}.post_attention_layernorm")
+    if conditional:
+        out += ["model.visual", *(f"model.visual.blocks.0.{m}" for m in
+                                  ("attn.proj", "attn.qkv", "mlp.linear_fc1", "mlp.linear_fc2"))]
+    out += ["mtp.fc", "mtp.norm", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden",
+            "mtp.layers.0.input_layernorm", "mtp.layers.0.post_attention_layernorm",
+            "mtp.layers.0.self_attn.q_norm", "mtp.layers.0.self_attn.k_norm"]  # fmt: skip
     return out
 
 
