@@ -138,7 +138,7 @@ def require_dir(root: Path) -> None:
     """One line for a checkpoint path that is missing or not a folder."""
     if not root.is_dir():
         raise GdnfuseError("does not exist" if not root.exists() else "not a directory",
-                           path=str(root))  # fmt: skip
+                           path=str(root), kind="directory")  # fmt: skip
 
 
 def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:

@@ -114,10 +114,10 @@ def relocate(cplan: ConversionPlan, old: Path, new: Path) -> ConversionPlan:
 
 
 def is_hub_source(source: str) -> bool:
-    """A Hub repo id (``org/name``) that is not an existing local directory."""
-    from gdnfuse.hub import is_repo_id  # imports huggingface_hub lazily
+    """A Hub repo id, not a local path (the rule: :func:`gdnfuse.hub.is_hub_source`)."""
+    from gdnfuse import hub  # imports huggingface_hub lazily
 
-    return not Path(source).is_dir() and is_repo_id(source)
+    return hub.is_hub_source(source)
 
 
 def _check_args(**ints: Any) -> None:

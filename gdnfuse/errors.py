@@ -51,15 +51,18 @@ class GdnfuseError(Exception):
     names read as keywords in ``str(error)`` and as flags in :meth:`for_cli`.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None,
+                 kind: str = "file") -> None:  # fmt: skip
         self.message = message
         self.reason = render(message, cli=False)
         self.path = path
         self.tensor = tensor
+        self.kind = kind
+        """What ``path`` names: ``file`` or ``directory``."""
         super().__init__(self._where(self.reason))
 
     def _where(self, text: str) -> str:
-        parts = (self.path and f"file {_clean(self.path)}",
+        parts = (self.path and f"{self.kind} {_clean(self.path)}",
                  self.tensor and f"tensor {_clean(self.tensor)}")  # fmt: skip
         where = ", ".join(p for p in parts if p)
         return f"{where}: {text}" if where else text

@@ -133,8 +133,10 @@ def _refuse_if_held(out: Path) -> None:
 def _claim(out: Path) -> None:
     """Say who holds the lock (after the checks: a refused run changes nothing)."""
     owner = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        (out / OWNER_NAME).write_text(json.dumps(owner) + "\n")
+    staged = out / f"{OWNER_NAME}.{os.getpid()}"
+    try:  # renamed into place: a second run never reads a half-written owner
+        staged.write_text(json.dumps(owner) + "\n")
+        os.replace(staged, out / OWNER_NAME)
     except OSError as e:
         raise _write_error(e, out / OWNER_NAME) from None
 

@@ -14,6 +14,7 @@ the executor writes each output file as soon as its sources have arrived.
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import shutil
 import tempfile
@@ -72,6 +73,21 @@ class Pinned:
 def is_repo_id(source: str) -> bool:
     """``org/name`` as the Hub spells it (a local path never reaches here if it exists)."""
     return _REPO_ID.fullmatch(source) is not None and ".." not in source
+
+
+def is_hub_source(source: str) -> bool:
+    """Whether a SOURCE means a Hub repo: the one rule for the CLI and the API.
+
+    A path that starts with ``./``, ``../``, ``/`` or ``~``, that exists, or whose first
+    component exists here is local (a typo in its last part must say "no such directory",
+    not go to the Hub); anything else spelled ``org/name`` is a repo id.
+    """
+    if source.startswith(("./", "../", "/", "~", ".\\")) or os.path.exists(source):
+        return False
+    first = source.replace("\\", "/").split("/", 1)[0]
+    if first and os.path.exists(first):
+        return False
+    return is_repo_id(source)
 
 
 def fetch(
@@ -514,14 +530,15 @@ def _hub_errors(repo_id: str, revision: str, cache: Path) -> Iterator[None]:
             f"revision {revision!r} not found in {repo_id} (use a branch, tag or commit sha)"
         ) from None
     except (RevisionResolutionError, LocalEntryNotFoundError) as e:
+        local = f"no local directory {repo_id}; as a Hub repo: "
         if constants.is_offline_mode():
             raise GdnfuseError(
-                f"HF_HUB_OFFLINE is set and {where} is not (completely) in the Hugging Face cache "
-                f"{cache}: run once online, or unset HF_HUB_OFFLINE"
+                f"{local}HF_HUB_OFFLINE is set and {where} is not (completely) in the Hugging "
+                f"Face cache {cache}: run once online, or unset HF_HUB_OFFLINE"
             ) from None
         raise GdnfuseError(
-            f"cannot reach {constants.ENDPOINT} and {where} is not (completely) in the cache "
-            f"{cache} ({_root_cause(e)})"
+            f"{local}cannot reach {constants.ENDPOINT} and {where} is not (completely) in the "
+            f"cache {cache} ({_root_cause(e)})"
         ) from None
     except HfHubHTTPError as e:
         raise GdnfuseError(f"Hub request for {where} failed: {_one_line(e)}") from None

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -299,6 +300,12 @@ def looks_complete(out: Path) -> bool:
 
 
 # --- the CLI as a separate process --------------------------------------------------------
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for CLI processes the tests interrupt: a shell starts background jobs
+    with SIGINT ignored, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(*args: str | os.PathLike[str]) -> list[str]:

@@ -61,6 +61,7 @@ from corrupt import (
     set_rows,
     shard_of,
     shift_offsets,
+    sigint_default,
     snapshot,
     truncate_into_header,
     truncate_shard,
@@ -153,7 +154,7 @@ def stop_at(src: Path, out: Path, at: int, *extra: str, sig: int = signal.SIGKIL
     """
     args = ["convert", src, "--out", out, "--workers", "1", "--quiet", *extra]
     with subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=cwd) as proc:  # fmt: skip
+                          text=True, cwd=cwd, preexec_fn=sigint_default) as proc:  # fmt: skip
         while proc.poll() is None and dir_bytes(out) < at:
             pass
         if proc.poll() is None:

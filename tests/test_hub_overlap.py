@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import test_hub
+from corrupt import sigint_default
 from test_hub import (
     IGNORED,
     REPO,
@@ -94,7 +95,7 @@ def test_overlap_writes_files_while_a_source_is_still_downloading(src, fake_hub,
     cmd = [sys.executable, "-m", "gdnfuse.cli", "convert", REPO, "--out", str(out), "-q",
            "--overlap"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(tmp_path / "hf", fake_hub), stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=sigint_default)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not (out / first).is_file() and time.monotonic() < deadline and proc.poll() is None:
@@ -139,7 +140,7 @@ def test_ctrl_c_stops_the_downloads(src, fake_hub, tmp_path):
     cmd = [sys.executable, "-m", "gdnfuse.cli", "convert", REPO, "--out", str(out), "-q",
            "--overlap"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(tmp_path / "hf", fake_hub), stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=sigint_default)  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(  # a shard download (not a header read) began
         r.server == "cdn" and r.range is None for r in fake_hub.requests()

@@ -22,7 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from corrupt import JOURNAL, STATE, cli, digests, error_line, looks_complete, run_cli, weight_map
+from corrupt import (
+    JOURNAL,
+    STATE,
+    cli,
+    digests,
+    error_line,
+    looks_complete,
+    run_cli,
+    sigint_default,
+    weight_map,
+)
 from test_faults import _stopped, fill, small_fs  # noqa: F401 (small_fs is a fixture)
 
 from gdnfuse.convert import MANIFEST_NAME, convert
@@ -57,7 +67,7 @@ def _start_and_freeze(src: Path, out: Path, *extra: str, until=None) -> subproce
     until = until or (lambda o: (o / STATE / "owner").exists())
     proc = subprocess.Popen(cli("convert", src, "--out", out, "--workers", "1", "--quiet",
                                 *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=sigint_default)  # fmt: skip
     while proc.poll() is None and not until(out):
         time.sleep(0.0005)
     assert proc.poll() is None, proc.communicate()
