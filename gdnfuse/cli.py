@@ -104,10 +104,21 @@ def _human(n: float) -> str:
     return str(n)
 
 
+_NOTES = {
+    "bytes_clonable": "; shared with the source instead of written, if the filesystem clones "
+    "(XFS, btrfs, OpenZFS; not ext4)",
+    "bytes_allocated": "; the output filesystem's free space before minus after (other "
+    "writers on it count too)",
+    "free_space_short_bytes": "; more than the output's filesystem has free",
+}
+"""What a summary number means, where a bare number misleads."""
+
+
 def _value(key: str, value: Any) -> str:
     """A summary value as a person reads it: sizes in units, dims as k=v, lists shortened."""
-    if key.startswith("bytes_") or key == "total_size":
-        return f"{_human(value)} ({value:,} B)"
+    if key.startswith("bytes_") or key == "total_size" or key == "free_space_short_bytes":
+        note = _NOTES.get(key, "")
+        return f"{_human(value)} ({value:,} B){note}"
     if key == "layers":
         return f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
     if isinstance(value, dict):
@@ -115,6 +126,12 @@ def _value(key: str, value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(_shown(str(v)) for v in value)
     return _shown(str(value))
+
+
+def _shown_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as the table shows it: the engine verdicts have their own table."""
+    return {k: v for k, v in summary.items() if k not in ("engines", "loaded_by", "dry_run")
+            and not (k == "free_space_short_bytes" and not v)}  # fmt: skip
 
 
 def _summary_table(title: str, summary: dict[str, Any]) -> Table | Text:
@@ -204,6 +221,7 @@ def inspect(
         for name, entry in found.items():
             if writes:
                 entry["convert_engine_writes"] = writes[name]
+        summary.pop("loaded_by", None)  # the plan's (its output's); inspect answers for the input
         summary["engines"] = found
     if json_out:
         print(json.dumps(summary))
@@ -292,7 +310,6 @@ def convert(
     permutations. The layout, tp and source are recorded in config.json ("gdnfuse") and
     in each rewritten shard's __metadata__.
     """
-    from gdnfuse import engines, loaders
     from gdnfuse.convert import convert as run_convert
     from gdnfuse.convert import plan_source
 
@@ -315,33 +332,42 @@ def convert(
             from gdnfuse.convert import preflight
 
             cplan = plan_source(path, layout, tp, record, arch, engine, text_only=text_only)
-            preflight(cplan, path, out_dir, options)  # the checks a real run makes first
-            found = loaders.to_json(engines.judge_all(loaders.plan_facts(cplan)))
-            if json_out:
-                summary = {**cplan.summary(), "engines": found}
-                print(json.dumps({"summary": summary, "record": cplan.record,
+            # the checks a real run makes first; a disk too small is a warning here: the plan
+            # is what tells how big a disk to get
+            short = preflight(cplan, path, out_dir, options, dry_run=True).short
+            summary = {**cplan.summary(), "dry_run": True, "free_space_short_bytes": short}
+            found = summary["engines"]
+            if json_out:  # the shape of `convert --json`, plus the record and every file
+                print(json.dumps({**summary, "record": cplan.record,
                                   "files": cplan.plan.to_json()}))  # fmt: skip
             elif not quiet:
-                out.print(_summary_table(f"plan for {out_dir} (dry run)", cplan.summary()),
-                          soft_wrap=True)
+                out.print(_summary_table(f"plan for {out_dir} (dry run)", _shown_summary(summary)),
+                          soft_wrap=True)  # fmt: skip
                 table = Table("output file", "size", "how")
                 for f in cplan.plan.files:
                     how = f.how + ("/link" if f.whole_source else "")
                     if f.how == "rewrite":
-                        how = f"rewrite ({len(f.extents)} ranges)"
+                        n = len(f.extents)
+                        how = f"rewrite (from {n} source byte range{'s' if n != 1 else ''})"
                     table.add_row(Text(_shown(f.name)), _human(f.size), how)
                 out.print(table)
                 out.print(_engine_table(f"engines loading {out_dir} once written", found),
                           soft_wrap=True)
+            if short:
+                err.print(Text.assemble(("warning: ", "bold yellow"),
+                                        f"not enough free space for this plan at {out_dir}: "
+                                        f"{_human(short)} more needed"),
+                          soft_wrap=True)  # fmt: skip
             if not json_out:
-                _warn_text_only(cplan.summary())
+                _warn_text_only(summary)
             return
         show = not quiet and not json_out and err.is_terminal
-        with _progress(show) as (on_plan, advance), _sigterm_interrupts():
+        with _progress(show) as (set_total, advance), _sigterm_interrupts():
             try:
                 result = run_convert(
                     path, out_dir, layout=layout, tp=tp, options=options,
-                    progress=advance, on_plan=on_plan, record_source=record, arch=arch,
+                    progress=advance, on_plan=lambda p: set_total(p.plan.total_bytes),
+                    record_source=record, arch=arch,
                     fetch=fetch, engine=engine, text_only=text_only,
                 )  # fmt: skip
             except KeyboardInterrupt:
@@ -359,13 +385,13 @@ def convert(
                     "interrupted; nothing in the output looks complete. Finish with: "
                     + shlex.join(again)
                 ) from None
-        found = loaders.to_json(engines.judge_all(loaders.read_facts(out_dir)))
-    loaded_by = [e["engine"] for e in found.values() if e["outcome"] == "loads"]
+    summary = result.summary()
+    found, loaded_by = summary["engines"], summary["loaded_by"]
     if json_out:
-        print(json.dumps({**result.summary(), "engines": found, "loaded_by": loaded_by}))
+        print(json.dumps(summary))
     elif not quiet:
-        out.print(_summary_table(f"converted {source} -> {out_dir}", result.summary()),
-                  soft_wrap=True)
+        out.print(_summary_table(f"converted {source} -> {out_dir}", _shown_summary(summary)),
+                  soft_wrap=True)  # fmt: skip
         out.print(_engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
     _warn_skipped(result.summary())
     _warn_text_only(result.summary())
@@ -446,30 +472,29 @@ def _steps(show: bool):
         yield None
         return
     bar = Progress("[progress.description]{task.description}", BarColumn(),
-                   "{task.completed}/{task.total} checks", TimeElapsedColumn(), console=err,
+                   "{task.fields[steps]}", TimeElapsedColumn(), console=err,
                    transient=True)  # fmt: skip
-    task = bar.add_task("verify", total=None)
+    task = bar.add_task("opening the checkpoint", total=None, steps="")
     with bar:
         yield lambda name, done, total: bar.update(task, description=name, completed=done,
-                                                   total=total)  # fmt: skip
+                                                   total=total,
+                                                   steps=f"step {done + 1} of {total}")  # fmt: skip
 
 
 @contextmanager
-def _progress(show: bool):
-    """A byte progress bar with throughput and ETA on a terminal; nothing otherwise."""
+def _progress(show: bool, what: str = "converting"):
+    """A byte progress bar with throughput and ETA on a terminal; nothing otherwise. Yields
+    ``(set_total, advance)``; ``advance`` is None when nothing is shown."""
     if not show:
-        yield (lambda plan: None), None
+        yield (lambda total: None), None
         return
     bar = Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
     )  # fmt: skip
-    task = bar.add_task("converting", total=None)
+    task = bar.add_task(what, total=None)
     with bar:
-        yield (
-            lambda plan: bar.update(task, total=plan.plan.total_bytes),
-            lambda n: bar.advance(task, n),
-        )
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 
 
 @app.command()
@@ -668,13 +693,22 @@ def synth(
         str, typer.Option(help="Largest shard, e.g. 500MB, 5GB (as save_pretrained).")
     ] = "5GB",
     seed: Annotated[int, typer.Option(help="Random seed of the (finite) weights.")] = 0,
+    vocab: Annotated[
+        int | None,
+        typer.Option(min=1, help="Vocabulary size (default: the preset's, 248320 for the real "
+                     "shapes). With few layers the embeddings and lm_head dominate: --vocab "
+                     "32768 makes them 7.6x smaller."),
+    ] = None,
 ) -> None:
-    """Write a Qwen3.5-shaped checkpoint with random weights: real key names, shards, index,
-    config and side files, for trying gdnfuse (and benchmarking it) without downloading.
+    """Write a Qwen3.5-shaped checkpoint with random weights, as released: real key names,
+    vision tower, MTP layer, shards, index, config (RoPE base 1e7, M-RoPE) and side files,
+    for trying gdnfuse (and benchmarking it) without downloading.
 
-    Example: gdnfuse synth ./q35-27b-4l --preset qwen3.5-27b --layers 4
+    Example: gdnfuse synth ./q35-27b-4l --preset qwen3.5-27b --layers 4 --vocab 32768
     """
-    from gdnfuse.synthetic import PRESETS, write_checkpoint
+    from dataclasses import replace
+
+    from gdnfuse.synthetic import PRESETS, checkpoint_bytes, embedding_bytes, write_checkpoint
 
     with _errors():
         if preset not in PRESETS:
@@ -690,11 +724,27 @@ def synth(
             raise GdnfuseError("directory is not empty", path=str(out_dir))
         # fast: random bytes at disk speed (finite values), as the benchmarks use
         shard_bytes = int(float(number) * units[unit])
-        path = write_checkpoint(out_dir, preset, layers=layers, dtype=dtype, seed=seed,
-                                shard_bytes=shard_bytes, fast=True)  # fmt: skip
+        shape = replace(PRESETS[preset], layers=layers or PRESETS[preset].layers,
+                        vocab=vocab or PRESETS[preset].vocab)  # fmt: skip
+        total, emb = checkpoint_bytes(shape, dtype), embedding_bytes(shape, dtype)
+        note = (f"; embeddings and lm_head are {_human(emb)} of it (--vocab makes them smaller)"
+                if emb > total / 3 else "")  # fmt: skip
+        err.print(f"writing {_human(total)} ({preset}, {shape.layers} layers, vocabulary "
+                  f"{shape.vocab}){note}", soft_wrap=True)  # fmt: skip
+        with _progress(err.is_terminal, "writing") as (set_total, advance):
+            set_total(total)
+            done = [0]
+
+            def wrote(now: int, _all: int) -> None:
+                if advance is not None:
+                    advance(now - done[0])
+                done[0] = now
+
+            path = write_checkpoint(out_dir, shape, dtype=dtype, seed=seed,
+                                    shard_bytes=shard_bytes, fast=True, progress=wrote)  # fmt: skip
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    out.print(f"wrote {_human(size)} ({preset}, {layers or PRESETS[preset].layers} layers) "
-              f"to {path}", soft_wrap=True)  # fmt: skip
+    out.print(f"wrote {_human(size)} ({preset}, {shape.layers} layers) to {path}",
+              soft_wrap=True)  # fmt: skip
 
 
 def _version(value: bool) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from gdnfuse import engines, loaders
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError, OutputError, option
@@ -161,9 +162,10 @@ def plan_source(
     with _gc_paused():
         ckpt = open_checkpoint(source)
         out = resolve_output(ckpt, layout, tp, arch, engine)
-        return plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
-                               stamp=out.stamp, serves=out.serves, block=block,
-                               text_only=text_only)  # fmt: skip
+        cplan = plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
+                                stamp=out.stamp, serves=out.serves, block=block,
+                                text_only=text_only)  # fmt: skip
+        return replace(cplan, engines=loaders.to_json(engines.judge_all(loaders.plan_facts(cplan))))
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,6 @@ def resolve_output(
     engine_name: str | None,
 ) -> OutputChoice:
     """Turn ``--engine`` / ``--layout`` / ``--arch`` / ``--tp`` into one output choice."""
-    from gdnfuse import engines
-
     refuse_fused(ckpt)
     model = describe_config(ckpt.config, str(ckpt.root / CONFIG_NAME))
     check_tp(model.dims, tp)
@@ -276,8 +276,9 @@ def convert(
     settings = {"tp": tp, "layout": str(cplan.layout), "engine": engine,
                 "arch": str(Arch(arch)) if arch else None, "text_only": text_only}  # fmt: skip
     out_path = Path(out)
-    stale, identity = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
-                                fetched=fetch is not None)  # fmt: skip
+    checked = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
+                        fetched=fetch is not None)  # fmt: skip
+    stale, identity = checked.stale, checked.identity
     if on_plan:
         on_plan(cplan)
 
@@ -313,12 +314,23 @@ def _free_bytes(path: Path) -> int:
     return st.f_bfree * st.f_frsize
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before a run found: the stale names ``overwrite`` removes, the source
+    identity for the journal, and the free space missing (0: it fits)."""
+
+    stale: list[str]
+    identity: dict[str, list[Any]]
+    short: int
+
+
 def preflight(
-    cplan: ConversionPlan, source: Path, out: Path, options: ExecuteOptions, fetched: bool = False
-) -> tuple[list[str], dict[str, list[Any]]]:
-    """Every check a run makes before writing (``--dry-run`` makes them too): ``--out`` apart
-    from the source, usable (empty, or ``overwrite``/``resume``), writable, big enough.
-    Returns the stale names ``overwrite`` removes and the source identity for the journal."""
+    cplan: ConversionPlan, source: Path, out: Path, options: ExecuteOptions, fetched: bool = False,
+    dry_run: bool = False,
+) -> Preflight:  # fmt: skip
+    """Every check a run makes before writing: ``--out`` apart from the source, usable
+    (empty, or ``overwrite``/``resume``), writable, big enough. ``dry_run``: a disk too
+    small is reported (``short``), not refused: the plan is what says how big a disk to get."""
     check_destination(source, out)
     check_output_dir(out, options)
     probe = existing_ancestor(out)
@@ -333,8 +345,11 @@ def preflight(
         with contextlib.suppress(GdnfuseError):
             skip |= set(finished_files(out, journal_head(cplan.plan, options, identity)))
     hint = not options.link and bool(linkable(cplan, out))  # only where it would help
-    check_free_space(out, sum(f.size for f in cplan.plan.files if f.name not in skip), hint)
-    return stale, identity
+    needed = sum(f.size for f in cplan.plan.files if f.name not in skip)
+    if dry_run:
+        return Preflight(stale, identity, max(0, needed - shutil.disk_usage(probe).free))
+    check_free_space(out, needed, hint)
+    return Preflight(stale, identity, 0)
 
 
 def _identity(path: Path) -> tuple[int, int]:

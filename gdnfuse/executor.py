@@ -133,7 +133,7 @@ def _refuse_if_held(out: Path) -> None:
 def _claim(out: Path) -> None:
     """Say who holds the lock (after the checks: a refused run changes nothing)."""
     owner = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    staged = out / f"{OWNER_NAME}.{os.getpid()}"
+    staged = out / f"{OWNER_NAME}.new"  # only the lock holder writes it
     try:  # renamed into place: a second run never reads a half-written owner
         staged.write_text(json.dumps(owner) + "\n")
         os.replace(staged, out / OWNER_NAME)

@@ -58,6 +58,9 @@ class ConversionPlan:
     ignored: tuple[str, ...] = ()  # *.safetensors not named by the index: left out
     not_regular: tuple[str, ...] = ()  # FIFOs, sockets, devices in the source: never read
     vision_tensors: int = 0  # the source's vision tower (kept, or left out with text_only)
+    engines: Mapping[str, Mapping[str, str]] | None = None
+    """Per engine, whether it loads the output (``gdnfuse.loaders.to_json``); set by
+    :func:`gdnfuse.convert.plan_source`, which knows the engine rules (this planner does not)."""
 
     @property
     def layers(self) -> int:
@@ -106,6 +109,10 @@ class ConversionPlan:
             **({"arch": dict(self.arch)} if self.arch else {}),
             **({"ignored_files": list(self.ignored)} if self.ignored else {}),
             **({"not_regular_files": list(self.not_regular)} if self.not_regular else {}),
+            **({"engines": {k: dict(v) for k, v in self.engines.items()},
+                "loaded_by": [v["engine"] for v in self.engines.values()
+                              if v["outcome"] == "loads"]} if self.engines is not None
+               else {}),  # fmt: skip
         }
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import random
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -302,6 +302,8 @@ def write_checkpoint(
     fast: bool = False,
     sparse: bool = False,
     sort: bool = False,
+    vocab: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a Qwen3.5-shaped checkpoint with an index and side files; returns its path.
 
@@ -309,11 +311,15 @@ def write_checkpoint(
     (so offsets are not block-aligned, as in released checkpoints). ``fast``: random bytes
     at disk speed (finite values, for benchmarks). ``sparse``:
     headers only, files truncated to full size with holes (for planning benchmarks of
-    huge models; reading the data gives zeros).
+    huge models; reading the data gives zeros). ``vocab``: another vocabulary size (the
+    embeddings and lm_head of a 248k vocabulary dominate a checkpoint with few layers).
+    ``progress(done, total)``: bytes written so far, of all.
     """
     m = PRESETS[shape] if isinstance(shape, str) else shape
     if layers is not None:
         m = replace(m, layers=layers)
+    if vocab is not None:
+        m = replace(m, vocab=vocab)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -329,6 +335,7 @@ def write_checkpoint(
         shards[-1].append((name, shp))
         size += n
     weight_map, total = {}, 0
+    everything = sum(_numel(shp) for _, shp in tensors) * DTYPE_BYTES[dtype]
     for i, shard in enumerate(shards):
         if sort:
             shard.sort()
@@ -351,6 +358,8 @@ def write_checkpoint(
                     f.write(random_bytes(values, dtype, rng))
                 weight_map[name] = fname
                 total += values * DTYPE_BYTES[dtype]
+                if progress is not None:
+                    progress(total, everything)
     (root / "config.json").write_text(json.dumps(config_for(m, dtype, conditional), indent=2))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / INDEX_NAME).write_text(json.dumps(index, indent=2))
@@ -381,6 +390,17 @@ def _write_noise(f: BinaryIO, nbytes: int, rng: random.Random, itemsize: int) ->
         start = rng.randrange(0, (len(pool) - n) // itemsize + 1) * itemsize
         f.write(memoryview(pool)[start : start + n])
         nbytes -= n
+
+
+def embedding_bytes(m: ModelShape, dtype: str = "BF16") -> int:
+    """Bytes of the input embeddings and the output head (vocab x hidden, twice)."""
+    return 2 * m.vocab * m.hidden * DTYPE_BYTES[dtype]
+
+
+def checkpoint_bytes(m: ModelShape, dtype: str = "BF16", conditional: bool = True) -> int:
+    """Bytes of every tensor :func:`write_checkpoint` writes for ``m``."""
+    prefix = "model.language_model." if conditional else "model."
+    return sum(_numel(s) for _, s in tensor_shapes(m, prefix)) * DTYPE_BYTES[dtype]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -13,7 +13,7 @@ done
 echo "setup: creating .venv with $("$PY" --version)"
 "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-echo "setup: installing torch 2.13.0 (CPU build, about 200 MB)"
+echo "setup: installing torch 2.13.0, CPU build (.venv ends near 2.2 GB)"
 .venv/bin/python -m pip install -q "torch==2.13.0"
 echo "setup: installing gdnfuse (editable) with its test extras"
 .venv/bin/python -m pip install -q -e ".[test]"

@@ -335,7 +335,7 @@ def test_every_output_is_a_renamed_temporary_and_completion_comes_last(
     assert finals[-3:] == [MANIFEST_NAME, "config.json", INDEX]
     written = {Path(p) for p in write_opens.written}
     state = {out / STATE, out / JOURNAL, out / STATE / "owner", out / STATE / "lock",
-             out / STATE / "journal.new"}  # fmt: skip
+             out / STATE / "journal.new", out / STATE / "owner.new"}  # fmt: skip
     assert written <= {*temps, *state}, written
     assert sorted(os.listdir(out)) == sorted(finals)  # the state directory is gone
 

@@ -120,9 +120,11 @@ def verify(
 
     total = 1 + (src is not None) + numeric + (engine is not None)
     step = iter(range(total))
+    step_now = [0]
 
     def begin(name: str) -> None:
-        tell(name, next(step), total)
+        step_now[0] = next(step)
+        tell(name, step_now[0], total)
 
     begin("structure")
     checks: list[CheckResult] = check_structure(ck)
@@ -130,14 +132,28 @@ def verify(
         from gdnfuse.verify.exact import check_exact
 
         begin("exact bytes")
-        checks += check_exact(ck, src)
+        index = step_now[0]
+        size = sum(h.file_size for h in ck.shards.values())
+        seen = [0]
+
+        def compared(n: int) -> None:
+            seen[0] += n
+            tell(f"exact bytes: {_size(seen[0])} of {_size(size)}", index, total)
+
+        checks += check_exact(ck, src, compared)
     else:
         checks.append(skipped("exact", "no --against: bytes not compared with the source"))
     if numeric:
         from gdnfuse.verify.numeric import check_numeric
 
         begin(f"numeric forward ({len(selected)} GDN layers, float64)")
-        checks += check_numeric(ck, src, selected, tp=tp, device=device)
+        index = step_now[0]
+
+        def layer(i: int, prefix: str) -> None:
+            tell(f"numeric forward: {prefix.removesuffix('.')} ({i + 1} of {len(selected)} "
+                 "GDN layers, float64)", index, total)  # fmt: skip
+
+        checks += check_numeric(ck, src, selected, tp=tp, device=device, on_layer=layer)
         if device != "cpu":
             checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
     else:
@@ -175,6 +191,10 @@ def _loaded_by(root: Path) -> tuple[str, ...] | None:
         return None
     labels = {s.name: s.label for s in engines.ENGINES}
     return tuple(labels[n] for n, v in found.items() if v.outcome is engines.Outcome.LOADS)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _need_torch(device: str) -> None:

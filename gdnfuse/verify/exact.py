@@ -14,7 +14,7 @@ drop that :mod:`gdnfuse.verify.arch` rebuilds from the source's headers.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -46,10 +46,14 @@ MAX_HINTS = 4
 
 
 class Reader(AbstractContextManager["Reader"]):
-    """Read-only file descriptors, opened on first use and closed together."""
+    """Read-only file descriptors, opened on first use and closed together.
 
-    def __init__(self) -> None:
+    ``on_read(n)`` is told each time ``n`` more output bytes were compared (progress).
+    """
+
+    def __init__(self, on_read: Callable[[int], None] | None = None) -> None:
         self._fds: dict[Path, int] = {}
+        self.on_read = on_read
 
     def fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -97,14 +101,20 @@ def first_difference(
     while pos < length:
         n = min(CHUNK, length - pos)
         x, y = _pread(fa, n, a[1] + pos), _pread(fb, n, b[1] + pos)
+        if reader.on_read is not None:
+            reader.on_read(len(x))
         if x != y or len(x) < n:
             return pos + _mismatch(x, y)
         pos += n
     return None
 
 
-def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
-    """Every exact comparison; raises GdnfuseError only when ``src`` is not a split source."""
+def check_exact(
+    ck: FusedCheckpoint, src: Checkpoint, on_read: Callable[[int], None] | None = None
+) -> list[CheckResult]:
+    """Every exact comparison; raises GdnfuseError only when ``src`` is not a split source.
+
+    ``on_read(n)``: ``n`` more bytes compared (for a progress display)."""
     model = describe_config(src.config, str(src.root / CONFIG_NAME))
     groups = find_gdn_groups(src.tensors, model)
     if not groups:
@@ -120,7 +130,7 @@ def check_exact(ck: FusedCheckpoint, src: Checkpoint) -> list[CheckResult]:
         if names.relabelled
         else _config(ck, src, model.quantization is not None)
     )
-    with Reader() as reader:
+    with Reader(on_read) as reader:
         return [
             *_source(ck, src),
             *config,

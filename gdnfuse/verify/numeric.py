@@ -130,8 +130,11 @@ def check_numeric(
     *,
     tp: int | None = None,
     device: str = "cpu",
+    on_layer: Callable[[int, str], None] | None = None,
 ) -> list[CheckResult]:
-    """``numeric.tp`` (can a consumer at this TP read the record?) and ``numeric.forward``."""
+    """``numeric.tp`` (can a consumer at this TP read the record?) and ``numeric.forward``.
+
+    ``on_layer(i, prefix)``: layer ``i`` of ``layers`` starts (for a progress display)."""
     if ck.record is None:
         return [
             failed(
@@ -179,7 +182,9 @@ def check_numeric(
         load_src = _loader(src.root, src.tensors, _block(src_model.quantization), device, src_seen)
     fails: list[CheckResult] = []
     worst = 0.0
-    for prefix in layers:
+    for i, prefix in enumerate(layers):
+        if on_layer is not None:
+            on_layer(i, prefix)
         qkvz_name = f"{prefix}in_proj_qkvz.weight"
         out_seen.clear()
         src_seen.clear()
