@@ -180,6 +180,12 @@ def inspect(
     tp: TpOpt = 1,
     engine: EngineOpt = None,
     text_only: TextOnlyOpt = False,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="For a fused SOURCE: its split source. The fused rows' order is "
+                     "found against it (reading the first GDN layer's bytes) and the verdicts "
+                     "follow from it, as `gdnfuse verify --against` finds it."),
+    ] = None,
     json_out: JsonOpt = False,
     revision: RevisionOpt = None,
     cache_dir: CacheOpt = None,
@@ -202,12 +208,28 @@ def inspect(
         path, record = _resolve(source, revision, cache_dir, token, headers_only=True)
         facts = loaders.read_facts(path)
         summary: dict[str, Any] = {}
+        if against is not None and facts.fused:
+            rows, summary["rows"] = _rows_found(path, against)
+            facts = loaders.read_facts(path, rows=rows)
         writes: dict[str, str] = {}
+        cannot = None
         if not facts.fused:
-            summary = plan_source(path, layout, tp, record, engine=engine,
-                                  text_only=text_only).summary()  # fmt: skip
+            try:
+                summary = plan_source(path, layout, tp, record, engine=engine,
+                                      text_only=text_only).summary()  # fmt: skip
+            except GdnfuseError as e:
+                try:  # the options are wrong (exit 2), or no conversion of it is possible
+                    plan_source(path, record_source=record)
+                except GdnfuseError:  # readable, not convertible: the verdicts still stand
+                    cannot = e.for_cli()
+                    summary = {"convert": f"cannot convert: {cannot}"}
+                else:
+                    raise e from None
             vision = summary.get("vision_tower_tensors", 0)
             for spec in engines.ENGINES:
+                if cannot is not None:
+                    writes[spec.name] = "refused: gdnfuse cannot convert this checkpoint"
+                    continue
                 try:
                     target = engines.choose(spec, facts)
                 except GdnfuseError as e:
@@ -230,6 +252,24 @@ def inspect(
     if rest:
         out.print(_summary_table(f"gdnfuse inspect {source}", rest), soft_wrap=True)
     out.print(_engine_table(f"engines loading {source} as it is", found), soft_wrap=True)
+    if cannot is not None:
+        err.print(Text.assemble(("note: ", "bold yellow"), f"cannot convert: {cannot}"),
+                  soft_wrap=True)  # fmt: skip
+
+
+def _rows_found(path: Path, against: Path) -> tuple[Any, str]:
+    """The fused rows' order found against the split source (verify's own detection)."""
+    from gdnfuse.checkpoint import open_checkpoint
+    from gdnfuse.engines import NO_KNOWN_ORDER, Rows
+    from gdnfuse.verify.exact import candidate_layouts, detect_layout, layout_name
+    from gdnfuse.verify.structure import open_fused
+
+    ck = open_fused(path)
+    found = detect_layout(ck, open_checkpoint(against))
+    if found is None:
+        tried = ", ".join(layout_name(*c) for c in candidate_layouts(ck.model.dims))
+        return NO_KNOWN_ORDER, f"none of {tried}: found against {against}"
+    return Rows(*found), f"{layout_name(*found)}: found against {against}"
 
 
 def _engine_table(title: str, found: dict[str, dict[str, str]]) -> Text:

@@ -23,21 +23,24 @@ from gdnfuse.model import OUTPUT_FAMILIES, describe_config
 from gdnfuse.safetensors_file import read_header
 
 
-def read_facts(root: str | os.PathLike[str]) -> Facts:
-    """The :class:`~gdnfuse.engines.Facts` of the checkpoint in ``root``."""
+def read_facts(root: str | os.PathLike[str], rows: Rows | None = None) -> Facts:
+    """The :class:`~gdnfuse.engines.Facts` of the checkpoint in ``root``; ``rows``: the fused
+    row order when known otherwise (found against the source), instead of the record's."""
     root = Path(root)
     require_dir(root)
     config = load_json(root / CONFIG_NAME)
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(root / CONFIG_NAME))
-    return facts_of(config, _tensor_names(root), str(root / CONFIG_NAME))
+    return facts_of(config, _tensor_names(root), str(root / CONFIG_NAME), rows)
 
 
-def facts_of(config: dict[str, Any], tensor_names: list[str], path: str = CONFIG_NAME) -> Facts:
+def facts_of(config: dict[str, Any], tensor_names: list[str], path: str = CONFIG_NAME,
+             rows: Rows | None = None) -> Facts:  # fmt: skip
     """Facts from a config.json and the tensor names a loader will find."""
     model = describe_config(engines.unstamp_config(config, RECORD_KEY), path,
                             families=OUTPUT_FAMILIES)  # fmt: skip
-    return engines.facts(config, tensor_names, model.dims, _rows(config, model.dims.nk))
+    rows = rows or _rows(config, model.dims.nk)
+    return engines.facts(config, tensor_names, model.dims, rows)
 
 
 def plan_facts(cplan: ConversionPlan) -> Facts:

@@ -25,6 +25,14 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True)  # fmt: skip
 
 
+def cannot_convert_note(p: subprocess.CompletedProcess[str]) -> str:
+    """inspect's verdicts (exit 0) and its one line on why it cannot convert (issue 20)."""
+    assert p.returncode == 0, p.stderr
+    notes = [ln for ln in p.stderr.splitlines() if ln.startswith("note: cannot convert")]
+    assert len(notes) == 1 and "LOADS" in p.stdout, p.stderr
+    return notes[0]
+
+
 def one_line_error(p: subprocess.CompletedProcess[str]) -> str:
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
@@ -131,7 +139,9 @@ def test_brackets_in_paths_are_text_not_markup(src: Path, tmp_path: Path) -> Non
 
 def test_dangling_side_file_is_one_line(src: Path) -> None:
     (src / "special_tokens_map.json").symlink_to("/nonexistent/blob")
-    assert "special_tokens_map.json" in one_line_error(cli("inspect", str(src)))
+    out = src.parent / "dangling-out"
+    assert "special_tokens_map.json" in one_line_error(cli("convert", str(src), "--out", str(out)))
+    assert "special_tokens_map.json" in cannot_convert_note(cli("inspect", str(src)))
 
 
 @pytest.mark.parametrize(
@@ -146,7 +156,9 @@ def test_malformed_index_is_one_line(src: Path, edit) -> None:
     index = json.loads((src / INDEX_NAME).read_text())
     edit(index)
     (src / INDEX_NAME).write_text(json.dumps(index))
-    assert INDEX_NAME in one_line_error(cli("inspect", str(src)))
+    out = src.parent / "malformed-out"
+    assert INDEX_NAME in one_line_error(cli("convert", str(src), "--out", str(out)))
+    assert INDEX_NAME in cannot_convert_note(cli("inspect", str(src)))
 
 
 def test_text_config_without_dims_is_refused_not_defaulted(src: Path) -> None:

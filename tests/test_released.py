@@ -170,3 +170,21 @@ def test_mtp_weights_keep_their_names(vl: Path, tmp_path: Path) -> None:
     assert not any(n.endswith("experts.gate_up_proj") for n in names)
     assert plan_source(src, engine="transformers", text_only=True).summary()["arch"][
         "fused_expert_tensors_split"] == 2 * TINY_MOE.layers  # fmt: skip
+
+
+def test_rope_only_in_rope_parameters_is_a_misread_for_top_level_readers(tmp_path: Path) -> None:
+    """A Qwen3-Next config with base 1e7 only in rope_parameters (what transformers 5 writes
+    when it re-saves one): sglang 0.5.23 builds base 10,000 (misreads), mlx-lm lacks a
+    required field (refuses); gdnfuse's own outputs carry both, and load."""
+    from gdnfuse import loaders
+
+    src = write_checkpoint(tmp_path / "src", TINY_MOE)
+    out = convert(src, tmp_path / "o", engine="sglang", text_only=True, options=OPTS).out
+    assert loaders.verdicts(out)["sglang"].outcome.value == "loads"
+    config = json.loads((out / "config.json").read_text())
+    del config["rope_theta"], config["partial_rotary_factor"]
+    (out / "config.json").write_text(json.dumps(config))
+    found = loaders.verdicts(out)
+    assert found["sglang"].outcome.value == "misreads" and "rope" in found["sglang"].reason.lower()
+    assert found["mlx"].outcome.value == "refuses"
+    assert found["transformers"].outcome.value == "loads"

@@ -25,6 +25,7 @@ from gdnfuse.arch import Arch
 from gdnfuse.engines import llama_cpp, mlx, sglang, transformers, trtllm, vllm
 from gdnfuse.engines.spec import (
     GROUPED,
+    NO_KNOWN_ORDER,
     PLAIN,
     EngineSpec,
     Facts,
@@ -43,6 +44,7 @@ from gdnfuse.quant import IGNORE_LISTS
 __all__ = [
     "ENGINES",
     "GROUPED",
+    "NO_KNOWN_ORDER",
     "PLAIN",
     "STAMP_KEY",
     "STAMP_MODEL_TYPE",
@@ -125,7 +127,21 @@ def facts(
     if fused and rows is None and fam == "qwen3_next":
         rows = GROUPED
     moe = any(".mlp.experts." in n for n in names)
-    return Facts(fam, fused, rows if fused else None, moe, dims, fp8_ignore_forms(config))
+    return Facts(fam, fused, rows if fused else None, moe, dims, fp8_ignore_forms(config),
+                 rope_nested_only(config))  # fmt: skip
+
+
+def rope_nested_only(config: Mapping[str, Any]) -> bool:
+    """RoPE base or rotary fraction only inside ``rope_parameters`` (of the model's own text
+    fields), with values a top-level reader's defaults (10,000; 0.25) would get wrong."""
+    text = config.get("text_config")
+    fields = text if isinstance(text, Mapping) else config
+    nested = fields.get("rope_parameters")
+    if not isinstance(nested, Mapping):
+        return False
+    defaults = {"rope_theta": 10_000.0, "partial_rotary_factor": 0.25}
+    return any(key not in fields and nested.get(key, value) != value
+               for key, value in defaults.items())  # fmt: skip
 
 
 def judge_all(f: Facts) -> dict[str, Verdict]:
@@ -137,6 +153,7 @@ def target_facts(target: Target, source: Facts) -> Facts:
     """The facts of what gdnfuse would write for ``target`` from a split source."""
     fam = "qwen3_next" if target.arch is Arch.QWEN3_NEXT else "qwen3_5"
     fp8 = None if source.fp8_ignore is None else frozenset({"split", "fused"})
+    # gdnfuse writes the RoPE fields at the top level too (arch.qwen3_next_config)
     return Facts(fam, True, target.rows, source.moe, source.dims, fp8)
 
 

@@ -23,6 +23,9 @@ SPEC = EngineSpec(
             dense=Outcome.REFUSES,
             dense_reason="Model.sanitize returns early without per-expert MoE tensors, so "
             "conv1d keeps torch's axis order and the strict load's shape check raises",
+            # mlx_lm/models/qwen3_next.py: ModelArgs requires rope_theta and
+            # partial_rotary_factor (and intermediate_size) at the top level: TypeError
+            rope_top_level=Outcome.REFUSES,
         ),
     },
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED),),

@@ -24,6 +24,11 @@ SPEC = EngineSpec(
             fused_rows=GROUPED,
             dense=Outcome.REFUSES,
             dense_reason="its Qwen3-Next builds every layer as MoE (num_experts = 0 fails)",
+            # srt/configs/qwen3_next.py: Qwen3NextConfig(rope_theta=10000.0,
+            # partial_rotary_factor=0.25) from the top level; srt/models/qwen3_next.py:
+            # Qwen3NextAttention passes rope_parameters only as rope_scaling (run: the
+            # harness compares the rotary cos_sin_cache buffers)
+            rope_top_level=Outcome.MISREADS,
         ),
     },
     # Qwen3-Next names first: every engine that loads them reads them right. Qwen3.5 names

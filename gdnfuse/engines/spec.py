@@ -39,6 +39,8 @@ class Rows:
     tp: int = 1
 
     def __str__(self) -> str:
+        if self.tp == 0:
+            return "no known order (found against the source)"
         if self.layout is Layout.TP_BLOCKED:
             return "plain [Q;K;V;Z]" if self.tp == 1 else f"tp-blocked T={self.tp}"
         return "qwen3-next (per key-head group)"
@@ -46,6 +48,8 @@ class Rows:
 
 GROUPED = Rows(Layout.QWEN3_NEXT)
 PLAIN = Rows(Layout.TP_BLOCKED, 1)
+NO_KNOWN_ORDER = Rows(Layout.TP_BLOCKED, 0)
+"""Fused rows that match none of the known orders of their source: every reader misreads."""
 
 
 def same_rows(dims: GdnDims, a: Rows, b: Rows) -> bool:
@@ -54,6 +58,9 @@ def same_rows(dims: GdnDims, a: Rows, b: Rows) -> bool:
     They can coincide (``nk / T == 1`` makes tp-blocked equal qwen3-next; ``nk == 1`` makes
     all equal), so compare the row runs themselves rather than the names.
     """
+    if NO_KNOWN_ORDER in (a, b):
+        return False
+
     def runs(f: str, r: Rows) -> tuple:
         return coalesce(fused_runs(f, dims, r.layout, r.tp))
 
@@ -76,6 +83,9 @@ class Facts:
     moe: bool
     dims: GdnDims
     fp8_ignore: frozenset[str] | None = None
+    rope_nested_only: bool = False
+    """RoPE base or rotary fraction stated only in ``rope_parameters``, differing from the
+    defaults (10,000 and 0.25) that readers of the top-level keys fall back to."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,10 @@ class FamilyRule:
     dense: Outcome = Outcome.LOADS
     dense_reason: str = ""
     needs_dk_eq_dv: bool = False
+    rope_top_level: Outcome = Outcome.LOADS
+    """What it does when the RoPE base/fraction is only in ``rope_parameters`` (it reads the
+    top-level ``rope_theta`` / ``partial_rotary_factor``): misread with its defaults, or
+    refuse (a required field)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,10 @@ class EngineSpec:
                 f"matches ignore lists by {'/'.join(sorted(self.fp8_ignore))} names, which the "
                 "config lacks: it would quantize the bf16 in_proj_ba (init fails)",
             )
+        if f.rope_nested_only and rule.rope_top_level is not Outcome.LOADS:
+            return Verdict(rule.rope_top_level, "reads the RoPE base and rotary fraction at the "
+                           "top level of config.json, which states them only in "
+                           "rope_parameters (it would use 10,000 / 0.25)")  # fmt: skip
         if not f.fused:
             return Verdict(rule.split, "split projections" if rule.split is Outcome.LOADS else (
                 "expects fused in_proj_qkvz/in_proj_ba"))  # fmt: skip

@@ -25,11 +25,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
-from gdnfuse.checkpoint import CONFIG_NAME, open_checkpoint
+from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
+from gdnfuse.engines.spec import Rows
 from gdnfuse.errors import GdnfuseError, SetupError, option
 from gdnfuse.layout import check_tp
-from gdnfuse.verify.report import CheckResult, VerifyReport, skipped
-from gdnfuse.verify.structure import FusedCheckpoint, check_structure, layer_number, open_fused
+from gdnfuse.verify.report import CheckResult, VerifyReport, failed, passed, skipped
+from gdnfuse.verify.structure import (
+    FusedCheckpoint,
+    Record,
+    check_structure,
+    layer_number,
+    open_fused,
+)
 
 Progress = Callable[[str, int, int], None]
 """``progress(step, done, total)``: a check is starting; ``done`` of ``total`` are finished."""
@@ -126,6 +133,10 @@ def verify(
         step_now[0] = next(step)
         tell(name, step_now[0], total)
 
+    layout_check: list[CheckResult] = []
+    rows = None
+    if src is not None:
+        ck, layout_check, rows = _rows_against(ck, src)
     begin("structure")
     checks: list[CheckResult] = check_structure(ck)
     if src is not None:
@@ -140,7 +151,9 @@ def verify(
             seen[0] += n
             tell(f"exact bytes: {_size(seen[0])} of {_size(size)}", index, total)
 
-        checks += check_exact(ck, src, compared)
+        exact = check_exact(ck, src, compared)
+        lead = sum(1 for c in exact[:1] if c.name == "exact.source")  # is it the source? first
+        checks += exact[:lead] + layout_check + exact[lead:]
     else:
         checks.append(skipped("exact", "no --against: bytes not compared with the source"))
     if numeric:
@@ -177,16 +190,56 @@ def verify(
         record=ck.raw_record if isinstance(ck.raw_record, dict) else None,
         seconds=time.perf_counter() - started,
         settings=settings,
-        loaded_by=_loaded_by(ck.root),
+        loaded_by=_loaded_by(ck, rows),
     )
 
 
-def _loaded_by(root: Path) -> tuple[str, ...] | None:
-    """The engines whose rules say they load this checkpoint as it is (information)."""
+def _rows_against(
+    ck: FusedCheckpoint, src: Checkpoint
+) -> tuple[FusedCheckpoint, list[CheckResult], Rows]:
+    """The fused rows' order found against the source (``exact.layout``), the checkpoint the
+    other checks read (where no record says the order: the one found) and the order the
+    per-engine verdicts follow (what the bytes are, whatever the record says)."""
+    from dataclasses import replace
+
+    from gdnfuse.engines import NO_KNOWN_ORDER, same_rows
+    from gdnfuse.verify.exact import candidate_layouts, detect_layout, layout_name
+
+    name = "exact.layout"
+    found = detect_layout(ck, src)
+    tried = ", ".join(layout_name(*c) for c in candidate_layouts(ck.model.dims))
+    if found is None:
+        why = f"the fused rows are in none of the known orders ({tried}) of the source's rows"
+        if ck.record is None:
+            ck = replace(ck, record_error=why)
+        return ck, [failed(name, why, file=CONFIG_NAME)], NO_KNOWN_ORDER
+    seen = layout_name(*found)
+    if ck.record is None:
+        ck = replace(ck, record=Record(*found), record_error=None, rows_from="detected")
+        return ck, [passed(name, f"fused rows are {seen}, found against the source (no layout "
+                           "record says it; the per-engine verdicts follow from it)")], Rows(
+            *found)  # fmt: skip
+    said = Rows(ck.record.layout, ck.record.tp)
+    if same_rows(ck.model.dims, said, Rows(*found)):
+        where = "the record says" if ck.rows_from == "record" else f"{ck.model.model_type} defines"
+        return ck, [passed(name, f"fused rows are {seen}, as {where} (checked against the "
+                           "source)")], said  # fmt: skip
+    where = "the layout record says" if ck.rows_from == "record" else (
+        f"a {ck.model.model_type} checkpoint must hold")  # fmt: skip
+    return ck, [failed(name, f"{where} {layout_name(ck.record.layout, ck.record.tp)}, but the "
+                       f"fused rows are {seen}", file=CONFIG_NAME)], Rows(*found)  # fmt: skip
+
+
+def _loaded_by(ck: FusedCheckpoint, rows: Rows | None) -> tuple[str, ...] | None:
+    """The engines whose rules say they load this checkpoint as it is (information), for the
+    row order found against the source, else the one the checks read (recorded, or defined
+    by the format)."""
     from gdnfuse import engines, loaders
 
+    if rows is None and ck.record is not None:
+        rows = Rows(ck.record.layout, ck.record.tp)
     try:
-        found = loaders.verdicts(root)
+        found = engines.judge_all(loaders.read_facts(ck.root, rows=rows))
     except GdnfuseError:  # a checkpoint the rules cannot describe: the checks say why
         return None
     labels = {s.name: s.label for s in engines.ENGINES}

@@ -23,7 +23,7 @@ from gdnfuse.arch import TARGET_MODEL_TYPE, VISION_SIDE_FILES
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.fusion import RECORD_KEY, local_source
-from gdnfuse.layout import FUSED_SOURCES, GdnDims, Layout, RowRun, fused_runs, valid_tp
+from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims, Layout, RowRun, fused_runs, valid_tp
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
 from gdnfuse.quant import group_dims, rewrite_quantization_config
 from gdnfuse.safetensors_file import DTYPE_BYTES
@@ -248,6 +248,51 @@ def _first_bad_run(
         if d is not None:
             return row, run, d // row_bytes
         row += run.count
+    return None
+
+
+def candidate_layouts(dims: GdnDims) -> list[tuple[Layout, int]]:
+    """Every distinct row order a fused tensor of these dims can hold: qwen3-next (grouped),
+    then tp-blocked for each T dividing ``nk`` (T = 1: plain ``[Q;K;V;Z]``); orders that
+    coincide for these dims (``nk / T == 1``) are listed once, under the first name."""
+    seen, out = set(), []
+    for cand in [(Layout.QWEN3_NEXT, 1), *((Layout.TP_BLOCKED, t) for t in valid_tp(dims.nk))]:
+        runs = (fused_runs(QKVZ, dims, *cand), fused_runs(BA, dims, *cand))
+        if runs not in seen:
+            seen.add(runs)
+            out.append(cand)
+    return out
+
+
+def layout_name(layout: Layout, tp: int) -> str:
+    if layout is Layout.QWEN3_NEXT:
+        return "qwen3-next (grouped per key head)"
+    return "plain [Q;K;V;Z]" if tp == 1 else f"tp-blocked T={tp}"
+
+
+def detect_layout(ck: FusedCheckpoint, src: Checkpoint) -> tuple[Layout, int] | None:
+    """The row order the fused tensors hold, found against the source's bytes: the first of
+    :func:`candidate_layouts` under which the first GDN layer's fused weights equal their
+    source rows (a wrong order fails at its first misplaced run, so trying is cheap), or
+    None when none fits. ``exact.fused`` then checks every layer under it."""
+    model = describe_config(src.config, str(src.root / CONFIG_NAME))
+    groups = [g for g in find_gdn_groups(src.tensors, model) if g.leaf == "weight"]
+    if not groups:
+        return None
+    names = names_for(ck, model)
+    first = [g for g in groups if g.prefix == groups[0].prefix]
+    outs = [ck.tensors.get(names.to_output(g.name)) for g in first]
+    if any(o is None for o in outs):
+        return None
+    with Reader() as reader:
+        for cand in candidate_layouts(model.dims):
+            if all(
+                o is not None and o.info.nbytes == sum(r.info.nbytes for r in g.parts.values())
+                and _first_bad_run(ck, src, g, o, fused_runs(g.fused, group_dims(g, model), *cand),
+                                   reader) is None
+                for g, o in zip(first, outs, strict=True)
+            ):  # fmt: skip
+                return cand
     return None
 
 

@@ -38,7 +38,7 @@ from gdnfuse.model import (
 )
 from gdnfuse.quant import block_rows
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
-from gdnfuse.verify.report import CheckResult, failed, outcome, skipped
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped
 
 FUSED_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<fused>qkvz|ba)\.(?P<leaf>.+)$")
 CONV_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)conv1d\.weight$")
@@ -74,6 +74,10 @@ class FusedCheckpoint:
     """config.json carries gdnfuse's own model_type (``config`` is the unstamped one)."""
     ignored: tuple[str, ...] = ()
     """*.safetensors the index does not name: not part of the model, as for convert."""
+    rows_from: str = "record"
+    """Where :attr:`record` (the row order the checks read) comes from: ``record`` (gdnfuse's
+    layout record), ``format`` (a Qwen3-Next checkpoint without one: that format defines
+    grouped rows) or ``detected`` (found against the source's bytes)."""
 
     @cached_property
     def tensors(self) -> dict[str, TensorRef]:
@@ -161,8 +165,13 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
             unreadable[name] = e
     raw = config.get(RECORD_KEY)
     record, error = parse_record(raw, model.dims)
+    rows_from = "record"
+    if raw is None and model.model_type == TARGET_MODEL_TYPE:
+        # A Qwen3-Next checkpoint gdnfuse did not write (or one re-saved without the record):
+        # the format itself defines the row order, as every Qwen3-Next loader reads it.
+        record, error, rows_from = Record(Layout.QWEN3_NEXT, 1), None, "format"
     return FusedCheckpoint(root, config, model, names, shards, unreadable, raw, record, error,
-                           stamped, ignored)  # fmt: skip
+                           stamped, ignored, rows_from)  # fmt: skip
 
 
 def _indexed_shards(path: Path) -> set[str] | None:
@@ -407,10 +416,17 @@ def _fused_shapes(ck: FusedCheckpoint) -> list[CheckResult]:
 
 
 def _record(ck: FusedCheckpoint) -> list[CheckResult]:
-    """The record in config.json is valid and every rewritten shard's metadata agrees."""
+    """The record in config.json is valid and every rewritten shard's metadata that carries
+    ``gdnfuse.*`` keys agrees (metadata is a cross-check: re-saving a checkpoint drops it)."""
     if ck.record_error:
         return [failed("structure.record", ck.record_error, file=CONFIG_NAME)]
     assert ck.record is not None
+    if ck.rows_from != "record":
+        how = ("the row order is the source's under the layout found against it"
+               if ck.rows_from == "detected" else
+               f"{ck.model.model_type} defines the row order (grouped per key head)")  # fmt: skip
+        return [passed("structure.record", f"no gdnfuse layout record (not written by gdnfuse, "
+                       f"or re-saved without it): {how}")]  # fmt: skip
     fails: list[CheckResult] = []
     layers = ck.raw_record.get("gdn_layers")
     if layers != len(ck.gdn_layers):
@@ -423,11 +439,12 @@ def _record(ck: FusedCheckpoint) -> list[CheckResult]:
             )
         )
     want = {f"{RECORD_KEY}.layout": str(ck.record.layout), f"{RECORD_KEY}.tp": str(ck.record.tp)}
-    rewritten = 0
+    rewritten, bare = 0, 0
     for name, header in ck.shards.items():
         meta = header.metadata or {}
         fused = next((t.name for t in header.tensors if FUSED_KEY.match(t.name)), None)
-        if fused is None and not any(k.startswith(f"{RECORD_KEY}.") for k in meta):
+        if not any(k.startswith(f"{RECORD_KEY}.") for k in meta):
+            bare += fused is not None  # re-saved (transformers drops unknown metadata)
             continue
         rewritten += 1
         for key, value in want.items():
@@ -440,11 +457,12 @@ def _record(ck: FusedCheckpoint) -> list[CheckResult]:
                         file=name,
                     )
                 )
+    without = f"; {bare} shards with fused tensors carry no gdnfuse metadata" if bare else ""
     return outcome(
         "structure.record",
         fails,
         f"layout {ck.record.layout}, tp {ck.record.tp}; the {rewritten} rewritten "
-        "shards' __metadata__ agree",
+        f"shards' __metadata__ agree{without}",
     )
 
 
@@ -466,7 +484,7 @@ def _arch(ck: FusedCheckpoint) -> list[CheckResult]:
                 file=CONFIG_NAME,
             )
         )
-    elif ck.record is not None and not isinstance(arch, Mapping):
+    elif ck.raw_record is not None and not isinstance(arch, Mapping):
         fails.append(
             failed(
                 name,
@@ -490,10 +508,12 @@ def _arch(ck: FusedCheckpoint) -> list[CheckResult]:
             )
         fails += _qwen3_next_names(ck)
         fails += _experts(ck)
+    entry = ("record arch entry present" if isinstance(arch, Mapping)
+             else "no gdnfuse record (none needed)")  # fmt: skip
     return outcome(
         name,
         fails,
-        f"{TARGET_MODEL_TYPE} output: record arch entry present, Qwen3-Next names only, "
+        f"{TARGET_MODEL_TYPE} checkpoint: {entry}, Qwen3-Next names only, "
         "every expert of every MoE layer present with the config's shapes",
     )
 
