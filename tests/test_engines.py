@@ -173,3 +173,23 @@ def test_every_shard_says_format_pt(tmp_path: Path) -> None:
         for shard in shards:
             with safe_open(shard, "pt") as f:
                 assert (f.metadata() or {}).get("format") == "pt", shard.name
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("forms", [{"split"}, {"fused"}, {"split", "fused"}])
+def test_fp8_ignore_lists_are_matched_per_family(family: str, forms: set[str]) -> None:
+    """vLLM and sglang map in_proj_ba to its split shards in their Qwen3.5 classes only; their
+    Qwen3-Next classes match the fused name (read from packed_modules_mapping; sglang's real
+    loader on FP8 needs AMX, which this machine lacks). So an FP8 Qwen3-Next checkpoint that
+    lists only in_proj_b/in_proj_a is refused (block-size error) and one listing in_proj_ba
+    loads; the reverse for Qwen3.5 names; gdnfuse writes both forms."""
+    from gdnfuse.engines import GROUPED, PLAIN, Facts, judge_all
+
+    rows = GROUPED if family == "qwen3_next" else PLAIN
+    verdicts = judge_all(Facts(family, True, rows, True, GdnDims(4, 8, 8, 8), frozenset(forms)))
+    wanted = "fused" if family == "qwen3_next" else "split"
+    for engine in ("vllm", "sglang"):
+        if engine == "vllm" and family == "qwen3_5":
+            continue  # vLLM refuses fused Qwen3.5 names whatever the list says
+        outcome = verdicts[engine].outcome
+        assert (outcome is Outcome.LOADS) == (wanted in forms), (engine, outcome, verdicts[engine])

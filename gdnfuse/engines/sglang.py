@@ -15,6 +15,9 @@ SPEC = EngineSpec(
             "MergedColumnParallelLinear.weight_loader with shard id None splits the global "
             "tensor by output_sizes [key, key, value, value], then slices each rank",
             fused_rows=PLAIN,
+            # srt/models/qwen3_5.py: packed_modules_mapping maps in_proj_ba to in_proj_b,
+            # in_proj_a; srt/layers/quantization/utils.py: is_layer_skipped matches those
+            fp8_ignore=frozenset({"split"}),
         ),
         "qwen3_next": FamilyRule(
             where="sglang/srt/models/qwen3_next.py: Qwen3NextGatedDeltaNet."
@@ -29,6 +32,9 @@ SPEC = EngineSpec(
             # Qwen3NextAttention passes rope_parameters only as rope_scaling (run: the
             # harness compares the rotary cos_sin_cache buffers)
             rope_top_level=Outcome.MISREADS,
+            # srt/models/qwen3_next.py: Qwen3NextForCausalLM.packed_modules_mapping has no
+            # in_proj_ba entry, so is_layer_skipped matches the module's own (fused) name
+            fp8_ignore=frozenset({"fused"}),
         ),
     },
     # Qwen3-Next names first: every engine that loads them reads them right. Qwen3.5 names
@@ -36,7 +42,4 @@ SPEC = EngineSpec(
     # would load them misread, so `choose` refuses that one (dense models).
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED), Target(Arch.QWEN3_5, PLAIN)),
     refuse_hint="serve the source checkpoint: sglang fuses the split projections at load",
-    # srt/layers/quantization/utils.py: is_layer_skipped matches a packed module by its
-    # split shard names (in_proj_b, in_proj_a), not by in_proj_ba.
-    fp8_ignore=frozenset({"split"}),
 )

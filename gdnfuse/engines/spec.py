@@ -104,6 +104,9 @@ class FamilyRule:
     dense: Outcome = Outcome.LOADS
     dense_reason: str = ""
     needs_dk_eq_dv: bool = False
+    fp8_ignore: frozenset[str] | None = None
+    """Name forms of in_proj_b/a (``split``, ``fused``) its FP8 ignore-list matching honours
+    for this family; None: the engine's default (:attr:`EngineSpec.fp8_ignore`)."""
     rope_top_level: Outcome = Outcome.LOADS
     """What it does when the RoPE base/fraction is only in ``rope_parameters`` (it reads the
     top-level ``rope_theta`` / ``partial_rotary_factor``): misread with its defaults, or
@@ -156,11 +159,14 @@ class EngineSpec:
             return Verdict(rule.dense, rule.dense_reason)
         if rule.needs_dk_eq_dv and f.dims.dk != f.dims.dv:
             return Verdict(Outcome.REFUSES, "needs linear_key_head_dim == linear_value_head_dim")
-        if f.fp8_ignore is not None and not f.fp8_ignore & self.fp8_ignore:
+        forms = rule.fp8_ignore if rule.fp8_ignore is not None else self.fp8_ignore
+        if f.fp8_ignore is not None and not f.fp8_ignore & forms:
+            names = " or ".join("in_proj_b/in_proj_a" if x == "split" else "in_proj_ba"
+                                for x in sorted(forms, reverse=True))  # fmt: skip
             return Verdict(
                 Outcome.REFUSES,
-                f"matches ignore lists by {'/'.join(sorted(self.fp8_ignore))} names, which the "
-                "config lacks: it would quantize the bf16 in_proj_ba (init fails)",
+                f"its {f.family} model matches FP8 ignore lists by {names}, which the config "
+                "lacks: it would quantize the bf16 in_proj_ba (its block size check raises)",
             )
         if f.rope_nested_only and rule.rope_top_level is not Outcome.LOADS:
             return Verdict(rule.rope_top_level, "reads the RoPE base and rotary fraction at the "

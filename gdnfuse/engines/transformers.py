@@ -13,6 +13,9 @@ SPEC = EngineSpec(
             where="transformers/models/qwen3_5/modeling_qwen3_5.py: Qwen3_5GatedDeltaNet has "
             "only the split linears",
             fused_unsupported=Outcome.MISREADS,
+            # quantizers/quantizers_utils.py: should_convert_module matches modules_to_not_convert
+            # against module names: the split linears here, the fused in_proj_ba in Qwen3-Next
+            fp8_ignore=frozenset({"split"}),
             fused_refusal="fused tensors are unexpected keys and in_proj_qkv/z/b/a are "
             "randomly initialised (only a warning)",
         ),
@@ -21,6 +24,7 @@ SPEC = EngineSpec(
             "Qwen3NextGatedDeltaNet.fix_query_key_value_ordering",
             split=Outcome.MISREADS,
             fused_rows=GROUPED,
+            fp8_ignore=frozenset({"fused"}),
         ),
     },
     outputs=(Target(Arch.QWEN3_NEXT, GROUPED),),
