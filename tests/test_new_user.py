@@ -115,3 +115,18 @@ def test_dry_run_prints_the_plan_of_a_source_bigger_than_the_disk(
     assert len(line) == 1 and "not enough free space" in line[0] and "more needed" in line[0]
     res = CliRunner().invoke(app, ["convert", str(src), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not enough free space" in res.stderr
+
+
+def test_verify_reports_carry_each_checks_seconds(src: Path, tmp_path: Path) -> None:
+    """A CI log says which check costs what: seconds per check in JSON, time per JUnit case."""
+    import xml.etree.ElementTree as ET
+
+    out = convert(src, tmp_path / "o", tp=2, options=ExecuteOptions(workers=1)).out
+    report = verify(out, against=src)
+    checks = report.to_json()["checks"]
+    assert all(isinstance(c["seconds"], float) and c["seconds"] >= 0 for c in checks)
+    assert any(c["seconds"] > 0 for c in checks)
+    numeric = next(c for c in checks if c["name"] == "numeric.forward")
+    assert numeric["seconds"] > 0
+    cases = ET.fromstring(report.to_junit()).iter("testcase")
+    assert all(float(case.get("time", "x")) >= 0 for case in cases)

@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
@@ -29,7 +30,7 @@ from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
 from gdnfuse.engines.spec import Rows
 from gdnfuse.errors import GdnfuseError, SetupError, option
 from gdnfuse.layout import check_tp
-from gdnfuse.verify.report import CheckResult, VerifyReport, failed, passed, skipped
+from gdnfuse.verify.report import CheckResult, VerifyReport, failed, passed, skipped, timed
 from gdnfuse.verify.structure import (
     FusedCheckpoint,
     Record,
@@ -136,7 +137,10 @@ def verify(
     layout_check: list[CheckResult] = []
     rows = None
     if src is not None:
+        started_layout = time.perf_counter()
         ck, layout_check, rows = _rows_against(ck, src)
+        spent = time.perf_counter() - started_layout
+        layout_check = [replace(c, seconds=spent) for c in layout_check]
     begin("structure")
     checks: list[CheckResult] = check_structure(ck)
     if src is not None:
@@ -166,7 +170,10 @@ def verify(
             tell(f"numeric forward: {prefix.removesuffix('.')} ({i + 1} of {len(selected)} "
                  "GDN layers, float64)", index, total)  # fmt: skip
 
-        checks += check_numeric(ck, src, selected, tp=tp, device=device, on_layer=layer)
+        started_numeric = time.perf_counter()
+        numeric_checks = check_numeric(ck, src, selected, tp=tp, device=device, on_layer=layer)
+        spent = time.perf_counter() - started_numeric
+        checks += [replace(c, seconds=spent) for c in numeric_checks]
         if device != "cpu":
             checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
     else:
@@ -175,7 +182,7 @@ def verify(
         from gdnfuse.verify.engine import check_engine
 
         begin(f"engine {engine} (loads source and output)")
-        checks += check_engine(ck.root, against, engine, tp or 1, engine_python)
+        checks += timed(check_engine, ck.root, against, engine, tp or 1, engine_python)
     settings = {
         "engine": engine,
         "tp": tp,
@@ -200,8 +207,6 @@ def _rows_against(
     """The fused rows' order found against the source (``exact.layout``), the checkpoint the
     other checks read (where no record says the order: the one found) and the order the
     per-engine verdicts follow (what the bytes are, whatever the record says)."""
-    from dataclasses import replace
-
     from gdnfuse.engines import NO_KNOWN_ORDER, same_rows
     from gdnfuse.verify.exact import candidate_layouts, detect_layout, layout_name
 

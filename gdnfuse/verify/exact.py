@@ -36,7 +36,7 @@ from gdnfuse.verify.arch import (
     expected_tensors,
     names_for,
 )
-from gdnfuse.verify.report import CheckResult, failed, outcome, passed
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed, timed
 from gdnfuse.verify.structure import FusedCheckpoint
 
 CHUNK = 16 << 20
@@ -126,17 +126,18 @@ def check_exact(
     consumed = frozenset(ref.info.name for g in groups for ref in g.parts.values())
     expected = expected_tensors(names, src.tensors, consumed)
     config = (
-        check_arch_config(ck, src, model, expected)
+        timed(check_arch_config, ck, src, model, expected)
         if names.relabelled
-        else _config(ck, src, model.quantization is not None)
+        else timed(_config, ck, src, model.quantization is not None)
     )
+    left_out = _left_out(src, expected) if names.relabelled else ()
     with Reader(on_read) as reader:
         return [
-            *_source(ck, src),
+            *timed(_source, ck, src),
             *config,
-            *_side_files(ck, src, reader, _left_out(src, expected) if names.relabelled else ()),
-            *_fused(ck, src, groups, model, names, reader),
-            *_others(ck, src, groups, names, expected, reader),
+            *timed(_side_files, ck, src, reader, left_out),
+            *timed(_fused, ck, src, groups, model, names, reader),
+            *timed(_others, ck, src, groups, names, expected, reader),
             *([dropped_result(expected)] if names.relabelled else []),
         ]
 

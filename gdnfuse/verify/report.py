@@ -7,9 +7,10 @@ truncated 400-tensor shard should say so once per tensor up to a limit, not floo
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.table import Table
@@ -29,6 +30,8 @@ class CheckResult:
     tensor: str | None = None
     file: str | None = None
     skipped: bool = False
+    seconds: float = 0.0
+    """Wall time of the check that produced this result (its failures share it)."""
 
     @property
     def status(self) -> str:
@@ -46,7 +49,17 @@ class CheckResult:
             "detail": self.detail,
             "file": self.file,
             "tensor": self.tensor,
+            "seconds": round(self.seconds, 3),
         }
+
+
+def timed(check: Callable[..., Iterable[CheckResult]], *args: Any) -> list[CheckResult]:
+    """Run one check and stamp its results with the seconds it took (reports carry them:
+    a CI log shows which check costs what)."""
+    started = time.perf_counter()
+    results = list(check(*args))
+    seconds = time.perf_counter() - started
+    return [replace(r, seconds=seconds) for r in results]
 
 
 def passed(name: str, detail: str) -> CheckResult:
@@ -188,6 +201,7 @@ class VerifyReport:
                 "testcase",
                 classname=f"gdnfuse.verify.{c.name.split('.')[0]}",
                 name=f"{c.name} {c.where}".strip(),
+                time=f"{c.seconds:.3f}",
             )
             if c.skipped:
                 ET.SubElement(case, "skipped", message=c.detail)

@@ -38,7 +38,7 @@ from gdnfuse.model import (
 )
 from gdnfuse.quant import block_rows
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
-from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped
+from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped, timed
 
 FUSED_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<fused>qkvz|ba)\.(?P<leaf>.+)$")
 CONV_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)conv1d\.weight$")
@@ -188,15 +188,8 @@ def _indexed_shards(path: Path) -> set[str] | None:
 
 def check_structure(ck: FusedCheckpoint) -> list[CheckResult]:
     """Every structural check, in a fixed order."""
-    return [
-        *_headers(ck),
-        *_index(ck),
-        *_split_keys(ck),
-        *_fused_shapes(ck),
-        *_record(ck),
-        *_arch(ck),
-        *_manifest(ck),
-    ]
+    checks = (_headers, _index, _split_keys, _fused_shapes, _record, _arch, _manifest)
+    return [r for check in checks for r in timed(check, ck)]
 
 
 def _headers(ck: FusedCheckpoint) -> list[CheckResult]:
