@@ -18,7 +18,6 @@ from typing import Any
 from gdnfuse import __version__
 from gdnfuse.arch import Arch, Relabel, plan_relabel, vision_side_files, vision_tensors
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from gdnfuse.engines import STAMP_KEY, stamp_config
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import FUSED_SOURCES, Layout, check_tp, coalesce, fused_runs, valid_tp
 from gdnfuse.model import (
@@ -32,11 +31,9 @@ from gdnfuse.model import (
 )
 from gdnfuse.plan import Extent, OutputFile, Plan, clonable_bytes, coalesce_extents
 from gdnfuse.quant import block_rows, check_quantization, group_dims, rewrite_quantization_config
+from gdnfuse.record import RECORD_FORMAT, RECORD_KEY, STAMP_KEY, stamp_config
 from gdnfuse.safetensors_file import encode_header
 
-RECORD_KEY = "gdnfuse"
-"""Key of the layout record in config.json; shard metadata uses ``gdnfuse.<field>``."""
-RECORD_FORMAT = 1
 CLONE_BLOCK = 4096
 """Block size assumed when planning without a filesystem to ask (XFS and btrfs default)."""
 

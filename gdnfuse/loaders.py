@@ -17,9 +17,10 @@ from gdnfuse import engines
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, load_json, require_dir
 from gdnfuse.engines import Facts, Rows, Verdict
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.fusion import RECORD_KEY, ConversionPlan
-from gdnfuse.layout import Layout
+from gdnfuse.fusion import ConversionPlan
+from gdnfuse.layout import GdnDims
 from gdnfuse.model import OUTPUT_FAMILIES, describe_config
+from gdnfuse.record import RECORD_KEY, parse_record, unstamp_config
 from gdnfuse.safetensors_file import read_header
 
 
@@ -37,9 +38,9 @@ def read_facts(root: str | os.PathLike[str], rows: Rows | None = None) -> Facts:
 def facts_of(config: dict[str, Any], tensor_names: list[str], path: str = CONFIG_NAME,
              rows: Rows | None = None) -> Facts:  # fmt: skip
     """Facts from a config.json and the tensor names a loader will find."""
-    model = describe_config(engines.unstamp_config(config, RECORD_KEY), path,
+    model = describe_config(unstamp_config(config), path,
                             families=OUTPUT_FAMILIES)  # fmt: skip
-    rows = rows or _rows(config, model.dims.nk)
+    rows = rows or _rows(config, model.dims)
     return engines.facts(config, tensor_names, model.dims, rows)
 
 
@@ -63,14 +64,10 @@ def _tensor_names(root: Path) -> list[str]:
             for t in read_header(root / f).tensors]  # fmt: skip
 
 
-def _rows(config: dict[str, Any], nk: int) -> Rows | None:
-    record = config.get(RECORD_KEY)
-    if not isinstance(record, dict):
-        return None
-    layout, tp = record.get("layout"), record.get("tp")
-    if layout not in {str(x) for x in Layout} or not isinstance(tp, int) or tp < 1 or nk % tp:
-        return None
-    return Rows(Layout(layout), tp)
+def _rows(config: dict[str, Any], dims: GdnDims) -> Rows | None:
+    """The fused row order the layout record states (the one strict reader of it)."""
+    record, _ = parse_record(config.get(RECORD_KEY), dims)
+    return None if record is None else Rows(record.layout, record.tp)
 
 
 def verdicts(root: str | os.PathLike[str]) -> dict[str, Verdict]:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims
+from gdnfuse.record import STAMP_MODEL_TYPE
 from gdnfuse.safetensors_file import TensorInfo
 
 FAMILIES: dict[str, str] = {
@@ -23,18 +24,6 @@ FAMILIES: dict[str, str] = {
     "qwen3_5_moe_text": "model.",
 }
 """Supported ``model_type`` values and where their decoder layers live."""
-
-STAMP_MODEL_TYPE = "gdnfuse_fused"
-"""model_type of a stamped gdnfuse output (:func:`gdnfuse.engines.stamp_config`): unknown to
-transformers' AutoConfig and so to every engine, which then refuse it loudly."""
-STAMP_ARCH_PREFIX = "GdnfuseFused"
-ARCH_MODEL_TYPES: dict[str, str] = {
-    "Qwen3_5ForConditionalGeneration": "qwen3_5",
-    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
-    "Qwen3_5ForCausalLM": "qwen3_5_text",
-    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
-}
-"""transformers' architecture names of the Qwen3.5 families (to unstamp without a record)."""
 
 OUTPUT_FAMILIES: dict[str, str] = {**FAMILIES, "qwen3_next": "model."}
 """What a converted checkpoint may declare: ``--arch qwen3-next`` writes ``qwen3_next``.

@@ -39,9 +39,9 @@ from typer.testing import CliRunner
 
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
-from gdnfuse.engines import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout, valid_tp
+from gdnfuse.record import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.reference import GdnWeights, fused_forward, split_forward
 
 EXACT = 1e-12

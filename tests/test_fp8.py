@@ -30,10 +30,10 @@ from typer.testing import CliRunner
 
 from gdnfuse.cli import app
 from gdnfuse.convert import convert
-from gdnfuse.engines import unstamp_config
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout
 from gdnfuse.quant import fused_module_names
+from gdnfuse.record import unstamp_config
 from gdnfuse.reference import GdnWeights, fused_forward, split_forward
 
 FP8 = torch.float8_e4m3fn

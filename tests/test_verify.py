@@ -26,7 +26,7 @@ from gdnfuse.checkpoint import INDEX_NAME
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
 from gdnfuse.executor import ExecuteOptions
-from gdnfuse.fusion import RECORD_KEY
+from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import encode_header, read_header
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import verify

@@ -36,8 +36,8 @@ from gdnfuse.checkpoint import INDEX_NAME, open_checkpoint
 from gdnfuse.convert import convert
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import ExecuteOptions
-from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import Layout
+from gdnfuse.record import RECORD_KEY
 
 DK, DV = 8, 4  # tiny_models defaults (nk = 4)
 CASES: dict[str, dict[str, Any]] = {

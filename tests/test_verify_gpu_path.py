@@ -10,8 +10,8 @@ import pytest
 
 from gdnfuse.convert import convert
 from gdnfuse.executor import ExecuteOptions
-from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import Layout
+from gdnfuse.record import RECORD_KEY
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import check_gpu
 

@@ -38,15 +38,15 @@ from gdnfuse.engines.spec import (
 )
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout
-from gdnfuse.model import ARCH_MODEL_TYPES, FAMILIES, STAMP_ARCH_PREFIX, STAMP_MODEL_TYPE
+from gdnfuse.model import FAMILIES
 from gdnfuse.quant import IGNORE_LISTS
+from gdnfuse.record import STAMP_MODEL_TYPE
 
 __all__ = [
     "ENGINES",
     "GROUPED",
     "NO_KNOWN_ORDER",
     "PLAIN",
-    "STAMP_KEY",
     "STAMP_MODEL_TYPE",
     "EngineSpec",
     "Facts",
@@ -62,16 +62,12 @@ __all__ = [
     "misreaders",
     "markdown_table",
     "same_rows",
-    "stamp_config",
-    "unstamp_config",
 ]
 
 ENGINES: tuple[EngineSpec, ...] = (
     vllm.SPEC, sglang.SPEC, trtllm.SPEC, transformers.SPEC, mlx.SPEC, llama_cpp.SPEC,
 )  # fmt: skip
 """Every engine gdnfuse knows, in the order tables list them."""
-
-STAMP_KEY = "stamp"  # in the layout record: the model_type and architectures replaced
 
 _SPLIT_BA = re.compile(r"in_proj_[ba](?=$|\.)")
 _FUSED_BA = re.compile(r"in_proj_ba(?=$|\.)")
@@ -184,40 +180,6 @@ def choose(spec: EngineSpec, source: Facts) -> Target:
         f"{option('engine', spec.name)}: no output that {spec.label} serves correctly and no "
         f"engine misreads, for this {kind} model ({'; '.join(reasons)}); {spec.refuse_hint}"
     )
-
-
-def stamp_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Rename model_type and architectures to gdnfuse's own (the config, and what it replaced).
-
-    transformers' AutoConfig raises on an unknown model_type, and vLLM, sglang, TensorRT-LLM
-    and mlx-lm all pick their model by it (or by architectures): each refuses with an error
-    naming the model type, where the unstamped output would load with misread rows.
-    """
-    was = {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
-    out = dict(config)
-    out["model_type"] = STAMP_MODEL_TYPE
-    out["architectures"] = [STAMP_ARCH_PREFIX + a for a in (config.get("architectures") or [])]
-    return out, was
-
-
-def unstamp_config(config: Mapping[str, Any], record_key: str = "gdnfuse") -> dict[str, Any]:
-    """A stamped config as the source declared it (model_type, architectures restored)."""
-    out = dict(config)
-    if out.get("model_type") != STAMP_MODEL_TYPE:
-        return out
-    record = out.get(record_key)
-    was = record.get(STAMP_KEY) if isinstance(record, Mapping) else None
-    if not isinstance(was, Mapping):  # record lost: the architectures still say what it was
-        archs = [a.removeprefix(STAMP_ARCH_PREFIX) for a in out.get("architectures") or []
-                 if isinstance(a, str)]  # fmt: skip
-        was = {"model_type": next((ARCH_MODEL_TYPES[a] for a in archs if a in ARCH_MODEL_TYPES),
-                                  STAMP_MODEL_TYPE), "architectures": archs}  # fmt: skip
-    out["model_type"] = was.get("model_type")
-    if was.get("architectures") is None:
-        out.pop("architectures", None)
-    else:
-        out["architectures"] = was.get("architectures")
-    return out
 
 
 def markdown_table(rows: Iterable[tuple[str, Facts]]) -> str:

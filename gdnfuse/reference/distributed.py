@@ -26,14 +26,12 @@ from typing import Any
 import torch
 
 from gdnfuse.checkpoint import Checkpoint, open_checkpoint
-from gdnfuse.engines import unstamp_config
 from gdnfuse.errors import GdnfuseError, option
-from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
+from gdnfuse.record import RECORD_KEY, parse_record, unstamp_config
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
-from gdnfuse.verify.structure import parse_record
 
 MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",

@@ -30,10 +30,10 @@ from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
 from gdnfuse.engines.spec import Rows
 from gdnfuse.errors import GdnfuseError, SetupError, option
 from gdnfuse.layout import check_tp
+from gdnfuse.record import Record
 from gdnfuse.verify.report import CheckResult, VerifyReport, failed, passed, skipped, timed
 from gdnfuse.verify.structure import (
     FusedCheckpoint,
-    Record,
     check_structure,
     layer_number,
     open_fused,

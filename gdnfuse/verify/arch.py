@@ -20,8 +20,8 @@ from typing import Any
 from gdnfuse.arch import KEPT_TOP_LEVEL, TARGET_MODEL_TYPE, VISUAL_PREFIX, rope_of
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.fusion import RECORD_KEY
 from gdnfuse.model import ModelInfo, TensorRef
+from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import DTYPE_BYTES
 from gdnfuse.verify.report import CheckResult, failed, outcome, passed
 from gdnfuse.verify.structure import FusedCheckpoint

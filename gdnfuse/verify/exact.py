@@ -22,10 +22,11 @@ from typing import Any
 from gdnfuse.arch import TARGET_MODEL_TYPE, VISION_SIDE_FILES
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError, option
-from gdnfuse.fusion import RECORD_KEY, local_source
+from gdnfuse.fusion import local_source
 from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims, Layout, RowRun, fused_runs, valid_tp
 from gdnfuse.model import GdnGroup, TensorRef, describe_config, find_gdn_groups
 from gdnfuse.quant import group_dims, rewrite_quantization_config
+from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import DTYPE_BYTES
 from gdnfuse.verify.arch import (
     Expected,

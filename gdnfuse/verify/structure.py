@@ -23,11 +23,9 @@ from typing import Any
 from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE, VISUAL_PREFIX
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, require_dir
 from gdnfuse.convert import MANIFEST_NAME
-from gdnfuse.engines import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import JOURNAL_NAME
-from gdnfuse.fusion import RECORD_FORMAT, RECORD_KEY
-from gdnfuse.layout import BA, QKVZ, GdnDims, Layout, valid_tp
+from gdnfuse.layout import BA, QKVZ, Layout
 from gdnfuse.model import (
     OUTPUT_FAMILIES,
     ModelInfo,
@@ -37,6 +35,7 @@ from gdnfuse.model import (
     natural_key,
 )
 from gdnfuse.quant import block_rows
+from gdnfuse.record import RECORD_KEY, STAMP_MODEL_TYPE, Record, parse_record, unstamp_config
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
 from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped, timed
 
@@ -47,14 +46,6 @@ EXPERT_KEY = re.compile(
     r"^(?P<base>.*\.mlp\.experts\.)(?:\d+\.(?:gate|up|down)_proj\.|gate_up_proj$|down_proj$)"
 )
 FUSED_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
-
-
-@dataclass(frozen=True)
-class Record:
-    """The layout record that ``convert`` writes into config.json (valid for these dims)."""
-
-    layout: Layout
-    tp: int
 
 
 @dataclass(frozen=True)
@@ -107,28 +98,6 @@ def layer_number(prefix: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def parse_record(raw: Any, dims: GdnDims) -> tuple[Record | None, str | None]:
-    """The record, or why it is unusable."""
-    if raw is None:
-        return None, (
-            f'config.json has no "{RECORD_KEY}" layout record, so no consumer can tell which '
-            "layout the fused tensors hold"
-        )
-    if not isinstance(raw, Mapping):
-        return None, f'"{RECORD_KEY}" in config.json is not an object'
-    if raw.get("format") != RECORD_FORMAT:
-        return None, f"record format {raw.get('format')!r} is not {RECORD_FORMAT}"
-    if raw.get("layout") not in {str(x) for x in Layout}:
-        return None, f"record layout {raw.get('layout')!r} is not one of {[str(x) for x in Layout]}"
-    tp = raw.get("tp")
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or dims.nk % tp:
-        return None, (
-            f"record tp {tp!r} does not divide linear_num_key_heads={dims.nk} "
-            f"(valid: {valid_tp(dims.nk)})"
-        )
-    return Record(Layout(raw["layout"]), tp), None
-
-
 def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     """Read what can be read; raises :class:`GdnfuseError` only when it is not a checkpoint."""
     root = Path(root)
@@ -148,7 +117,7 @@ def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     if not isinstance(config, dict):
         raise GdnfuseError("config is not a JSON object", path=str(config_path))
     stamped = config.get("model_type") == STAMP_MODEL_TYPE
-    config = unstamp_config(config, RECORD_KEY)  # checks read it as the source declared it
+    config = unstamp_config(config)  # checks read it as the source declared it
     model = describe_config(config, str(config_path), families=OUTPUT_FAMILIES)
     names = tuple(f for f in list_files(root) if f.endswith(".safetensors"))
     # Like convert (and loaders): with an index, only the shards it names are the model.
