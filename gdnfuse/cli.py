@@ -350,8 +350,8 @@ def convert(
     permutations. The layout, tp and source are recorded in config.json ("gdnfuse") and
     in each rewritten shard's __metadata__.
     """
-    from gdnfuse.convert import convert as run_convert
     from gdnfuse.convert import plan_source
+    from gdnfuse.convert import run as run_conversion
 
     with _errors():
         if overwrite and resume:
@@ -404,8 +404,8 @@ def convert(
         show = not quiet and not json_out and err.is_terminal
         with _progress(show) as (set_total, advance), _sigterm_interrupts():
             try:
-                result = run_convert(
-                    path, out_dir, layout=layout, tp=tp, options=options,
+                result = run_conversion(
+                    path, out_dir, options, layout=layout, tp=tp,
                     progress=advance, on_plan=lambda p: set_total(p.plan.total_bytes),
                     record_source=record, arch=arch,
                     fetch=fetch, engine=engine, text_only=text_only,

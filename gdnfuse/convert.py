@@ -53,6 +53,10 @@ class ConvertResult:
     """New blocks the output took on its filesystem (free space before minus after, so other
     writers on that filesystem count too): far below ``bytes_written`` where the
     filesystem cloned source blocks (XFS with reflink, btrfs)."""
+    dry_run: bool = False
+    """Planned and checked only: nothing was written."""
+    free_space_short: int = 0
+    """A dry run's missing free space in bytes (0: the output fits)."""
 
     @property
     def bytes_linked(self) -> int:
@@ -64,6 +68,9 @@ class ConvertResult:
 
     def summary(self) -> dict[str, Any]:
         s = self.plan.summary()
+        if self.dry_run:
+            s.update(out=str(self.out), dry_run=True, free_space_short_bytes=self.free_space_short)
+            return s
         s.update(
             out=str(self.out),
             seconds=round(self.seconds, 3),
@@ -239,36 +246,65 @@ def convert(
     checksum: bool = False,
     fsync: bool = False,
     revision: str | None = None,
-    options: ExecuteOptions | None = None,
+    dry_run: bool = False,
     progress: ProgressFn | None = None,
-    on_plan: Callable[[ConversionPlan], None] | None = None,
-    record_source: Mapping[str, Any] | None = None,
-    fetch: SourceFetch | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint ``source`` (a directory, or a Hub repo id ``org/name``) into ``out``.
 
     ``engine``: write what that engine serves correctly (``"vllm"``, ``"sglang"``, ...);
     otherwise ``layout`` (default ``"qwen3-next"``) and ``arch``. ``text_only``: accept a
     Qwen3-Next output of a vision-language source without its vision tower. ``overwrite``,
-    ``resume``, ``link``, ``workers``, ``checksum``, ``fsync``: as the CLI options of the same names
-    (``options`` gives them all at once instead). ``on_plan`` sees the plan before any byte
-    is written (to size a progress bar). With ``fetch``, ``source`` holds stand-ins
-    (headers, sizes) and the bytes are read from ``fetch.root`` as they arrive; the output
-    and manifest are those of converting ``fetch.root`` once it is complete.
+    ``resume``, ``link``, ``workers``, ``checksum``, ``fsync``: as the CLI options of the same
+    names. ``dry_run``: plan and make every check a run makes first, write nothing (the
+    result has no files; ``free_space_short`` says how much disk is missing, if any).
+    ``progress(n)`` is told each ``n`` bytes written.
+    """
+    _check_args(tp=tp, workers=workers)
+    if overwrite and resume:
+        raise GdnfuseError(f"{option('overwrite', True)} and {option('resume', True)} exclude "
+                           "each other")  # fmt: skip
+    options = ExecuteOptions(
+        workers=workers or min(4, os.cpu_count() or 1), link=link, resume=resume,
+        overwrite=overwrite, checksum=checksum, fsync=fsync,
+    )  # fmt: skip
+    return run(source, out, options, layout=layout, tp=tp, engine=engine, arch=arch,
+               text_only=text_only, revision=revision, dry_run=dry_run,
+               progress=progress)  # fmt: skip
+
+
+def run(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    options: ExecuteOptions,
+    *,
+    layout: Layout | str | None = None,
+    tp: int = 1,
+    engine: str | None = None,
+    arch: Arch | str | None = None,
+    text_only: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    progress: ProgressFn | None = None,
+    on_plan: Callable[[ConversionPlan], None] | None = None,
+    record_source: Mapping[str, Any] | None = None,
+    fetch: SourceFetch | None = None,
+) -> ConvertResult:
+    """:func:`convert` with its run settings given as one :class:`ExecuteOptions`, and the
+    hooks the command line needs: ``on_plan`` sees the plan before any byte is written (to
+    size a progress bar); ``record_source`` is a Hub source already fetched; with ``fetch``,
+    ``source`` holds stand-ins (headers, sizes) and the bytes are read from ``fetch.root`` as
+    they arrive, the output and manifest being those of converting ``fetch.root``.
     """
     started = time.perf_counter()
-    _check_args(tp=tp, workers=workers)
-    if options is None:
-        options = ExecuteOptions(
-            workers=workers or min(4, os.cpu_count() or 1), link=link, resume=resume,
-            overwrite=overwrite, checksum=checksum, fsync=fsync,
-        )  # fmt: skip
-    if overwrite and resume or options.overwrite and options.resume:
-        raise GdnfuseError("overwrite and resume exclude each other")
+    _check_args(tp=tp, workers=options.workers)
+    if options.overwrite and options.resume:
+        raise GdnfuseError(f"{option('overwrite', True)} and {option('resume', True)} exclude "
+                           "each other")  # fmt: skip
     if fetch is None and record_source is None and is_hub_source(str(source)):
         from gdnfuse import hub
 
-        source, record_source = hub.fetch(str(source), revision=revision, out=Path(out))
+        source, record_source = hub.fetch(str(source), revision=revision, headers_only=dry_run,
+                                          out=None if dry_run else Path(out))  # fmt: skip
     cplan = plan_source(source, layout, tp, record_source, arch, engine, block=fs_block(Path(out)),
                         text_only=text_only)  # fmt: skip
     if fetch is not None:
@@ -277,8 +313,11 @@ def convert(
                 "arch": str(Arch(arch)) if arch else None, "text_only": text_only}  # fmt: skip
     out_path = Path(out)
     checked = preflight(cplan, fetch.root if fetch else Path(source), out_path, options,
-                        fetched=fetch is not None)  # fmt: skip
+                        fetched=fetch is not None, dry_run=dry_run)  # fmt: skip
     stale, identity = checked.stale, checked.identity
+    if dry_run:
+        return ConvertResult(cplan, out_path, (), time.perf_counter() - started, 0, True,
+                             checked.short)  # fmt: skip
     if on_plan:
         on_plan(cplan)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,11 +20,10 @@ from tiny_models import build_checkpoint
 from transformers import AutoModelForCausalLM
 
 from gdnfuse.convert import convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 from gdnfuse.verify import verify
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict[str, Any] = {"workers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("any")
     src = build_checkpoint(root / "src", r=2, nk=4, conditional=True, dtype=torch.float32)
     out = convert(src, root / "tf", engine="transformers", text_only=True, tp=2,
-                  options=OPTS).out  # fmt: skip
+                  **OPTS).out  # fmt: skip
     return {"src": src, "tf": out}
 
 
@@ -95,7 +95,7 @@ def test_qwen3_5_names_without_a_record_are_found(made: dict[str, Path], tmp_pat
     """tp-blocked T=2 rows under Qwen3.5 names, no record: verify names the order, and the
     verdicts follow from it (sglang's Qwen3.5 reads plain rows: it would misread these)."""
     tpb = convert(made["src"], tmp_path / "tpb", layout=Layout.TP_BLOCKED, tp=2,
-                  options=OPTS).out  # fmt: skip
+                  **OPTS).out  # fmt: skip
     bare = unstamped(tpb, tmp_path / "bare")
     _strip_record(bare)
     report = verify(bare, against=made["src"])

@@ -36,7 +36,6 @@ from gdnfuse.arch import Arch, Piece, plan_relabel, relabel_quantization_config
 from gdnfuse.checkpoint import open_checkpoint
 from gdnfuse.cli import app
 from gdnfuse.convert import convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 from gdnfuse.model import describe_config
 from gdnfuse.synthetic import write_checkpoint
@@ -182,7 +181,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
         src = build_source(case, root / "src")
         result = convert(src, root / "out", layout=Layout.QWEN3_NEXT, tp=case.tp,
                          arch=Arch.QWEN3_NEXT, text_only=True,
-                         options=ExecuteOptions(workers=1))  # fmt: skip
+                         workers=1)  # fmt: skip
         done[str(case)] = (case, src, root / "out", result.summary())
     return done
 
@@ -268,7 +267,7 @@ def test_expert_pieces_are_gate_then_up(tmp_path: Path) -> None:
     save_file(fused, str(src / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.randint(1, 96, (1, 8), generator=torch.Generator().manual_seed(4))
     out = tmp_path / "out"
-    convert(src, out, arch=Arch.QWEN3_NEXT, text_only=True, options=ExecuteOptions(workers=1))
+    convert(src, out, arch=Arch.QWEN3_NEXT, text_only=True, workers=1)
     with torch.no_grad():
         swapped = load_converted(out, torch.float32)(ids).logits
         ref_dir = build_source(case, tmp_path / "ref")

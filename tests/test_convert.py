@@ -39,7 +39,6 @@ from typer.testing import CliRunner
 
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout, valid_tp
 from gdnfuse.record import STAMP_MODEL_TYPE, unstamp_config
 from gdnfuse.reference import GdnWeights, fused_forward, split_forward
@@ -665,9 +664,8 @@ def test_resume_after_interruption_gives_clean_bytes(
         if len(calls) == 6:
             raise _Interrupt
 
-    options = ExecuteOptions(workers=1)
     with pytest.raises(_Interrupt):
-        convert(src, out, layout=Layout.TP_BLOCKED, tp=2, options=options, progress=stop_midway)
+        convert(src, out, layout=Layout.TP_BLOCKED, tp=2, workers=1, progress=stop_midway)
     assert not (out / "config.json").exists() and not (out / INDEX).exists()
     code, _, stderr = cli("convert", src, "--out", out, "--layout", "tp-blocked", "--tp", "4")
     assert code == 2 and "not empty" in stderr

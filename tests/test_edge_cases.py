@@ -14,7 +14,6 @@ import pytest
 from gdnfuse.checkpoint import INDEX_NAME, open_checkpoint
 from gdnfuse.convert import MANIFEST_NAME, convert
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import verify
@@ -71,7 +70,7 @@ def test_link_follows_symlinked_shards_like_a_hub_snapshot(src: Path, tmp_path: 
         (blobs / f.name).write_bytes(f.read_bytes())
         (snap / f.name).symlink_to(os.path.relpath(blobs / f.name, snap))
     out = tmp_path / "out"
-    result = convert(snap, out, options=ExecuteOptions(link=True))
+    result = convert(snap, out, link=True)
     assert result.bytes_linked > 0
     for f in result.files:
         assert not (out / f.name).is_symlink()
@@ -90,7 +89,7 @@ def test_overwrite_never_deletes_outside_out(src: Path, tmp_path: Path) -> None:
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     manifest["files"].update({"../victim.txt": {}, str(victims[1]): {}})
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
-    convert(src, out, options=ExecuteOptions(overwrite=True))
+    convert(src, out, overwrite=True)
     assert all(v.read_text() == "keep me" for v in victims)
 
 
@@ -104,9 +103,9 @@ def test_overwrite_interrupted_then_resumed_leaves_no_stale_shard(
         p.name for p in src.glob("*.safetensors")
     }
     with pytest.raises(Stop):
-        convert(other, out, options=ExecuteOptions(overwrite=True, workers=1),
+        convert(other, out, overwrite=True, workers=1,
                 progress=interrupt_after(1000))  # fmt: skip
-    convert(other, out, options=ExecuteOptions(resume=True))
+    convert(other, out, resume=True)
     assert {p.name for p in out.glob("*.safetensors")} == {
         p.name for p in other.glob("*.safetensors")
     }
@@ -118,13 +117,13 @@ def test_overwrite_interrupted_then_resumed_leaves_no_stale_shard(
 def test_resume_refuses_other_file_options(src: Path, tmp_path: Path, changed: dict) -> None:
     out = tmp_path / "out"
     with pytest.raises(Stop):
-        convert(src, out, options=ExecuteOptions(workers=1), progress=interrupt_after(50_000))
+        convert(src, out, workers=1, progress=interrupt_after(50_000))
     with pytest.raises(GdnfuseError, match="but the interrupted run used (checksum|link)=False"):
-        convert(src, out, options=ExecuteOptions(resume=True, **changed))
+        convert(src, out, resume=True, **changed)
     with pytest.raises(GdnfuseError) as e:
-        convert(src, out, options=ExecuteOptions(resume=True, **changed))
+        convert(src, out, resume=True, **changed)
     assert "--overwrite" in e.value.for_cli() and "--" not in str(e.value)
-    convert(src, out, options=ExecuteOptions(resume=True))
+    convert(src, out, resume=True)
 
 
 def test_brackets_in_paths_are_text_not_markup(src: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors import safe_open
@@ -18,11 +19,10 @@ from gdnfuse.arch import Arch
 from gdnfuse.convert import convert
 from gdnfuse.engines import ENGINES, GROUPED, PLAIN, Facts, Outcome, Rows, same_rows
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict[str, Any] = {"workers": 1}
 
 
 @pytest.mark.parametrize(("nk", "r"), list(itertools.product([1, 2, 4], [1, 2, 3, 4])))
@@ -125,16 +125,16 @@ def test_readme_table_is_generated_from_the_rules() -> None:
 def test_unknown_engine_and_contradicting_options(tmp_path: Path) -> None:
     src = build_checkpoint(tmp_path / "src", r=2, moe=True)
     with pytest.raises(GdnfuseError, match="unknown engine 'vlm'; choose one of vllm"):
-        convert(src, tmp_path / "a", engine="vlm", options=OPTS)
+        convert(src, tmp_path / "a", engine="vlm", **OPTS)
     with pytest.raises(GdnfuseError, match="contradicts"):
-        convert(src, tmp_path / "b", engine="vllm", layout="tp-blocked", options=OPTS)
+        convert(src, tmp_path / "b", engine="vllm", layout="tp-blocked", **OPTS)
     with pytest.raises(GdnfuseError, match="contradicts"):
-        convert(src, tmp_path / "c", engine="vllm", arch=Arch.QWEN3_5, options=OPTS)
+        convert(src, tmp_path / "c", engine="vllm", arch=Arch.QWEN3_5, **OPTS)
     # Qwen3.5 names with grouped rows: TensorRT-LLM reads them right, sglang would not.
     with pytest.raises(GdnfuseError, match="sglang, transformers would load it misread"):
-        convert(src, tmp_path / "d", engine="trtllm", arch="qwen3.5", tp=2, options=OPTS)
+        convert(src, tmp_path / "d", engine="trtllm", arch="qwen3.5", tp=2, **OPTS)
     assert not any((tmp_path / d).exists() for d in "abcd")
-    out = convert(src, tmp_path / "t", engine="sglang", tp=2, options=OPTS).out
+    out = convert(src, tmp_path / "t", engine="sglang", tp=2, **OPTS).out
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen3_next" and config["gdnfuse"]["layout"] == "qwen3-next"
     assert config["gdnfuse"]["engine"]["name"] == "sglang"
@@ -151,7 +151,7 @@ def test_without_engine_stamped_exactly_when_some_engine_would_misread(
     tmp_path: Path, kw: dict, stamped: bool
 ) -> None:
     src = build_checkpoint(tmp_path / "src", r=2, moe=True)
-    out = convert(src, tmp_path / "out", options=OPTS, **kw).out
+    out = convert(src, tmp_path / "out", **OPTS, **kw).out
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"] == engines.STAMP_MODEL_TYPE) is stamped
     verdicts = loaders.verdicts(out).values()
@@ -167,7 +167,7 @@ def test_every_shard_says_format_pt(tmp_path: Path) -> None:
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), shard)  # no metadata at all
     for kw in ({}, {"engine": "sglang"}, {"engine": "vllm"}):
-        out = convert(src, tmp_path / f"out-{len(kw)}-{kw.get('engine')}", options=OPTS, **kw).out
+        out = convert(src, tmp_path / f"out-{len(kw)}-{kw.get('engine')}", **OPTS, **kw).out
         shards = sorted(out.glob("*.safetensors"))
         assert len(shards) > 2
         for shard in shards:

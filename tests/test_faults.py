@@ -70,6 +70,7 @@ from corrupt import (
 
 from gdnfuse.convert import MANIFEST_NAME
 from gdnfuse.convert import convert as api_convert
+from gdnfuse.convert import run as api_run
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import ModelShape, write_checkpoint
@@ -327,7 +328,7 @@ def test_every_output_is_a_renamed_temporary_and_completion_comes_last(
     """No output name is ever opened for writing; config.json and the index appear last,
     after the manifest, so no kill can leave an output that looks complete."""
     out = tmp_path / "out"
-    api_convert(src.path, out, options=ExecuteOptions(workers=3, link=link))
+    api_convert(src.path, out, workers=3, link=link)
     renames = [(s, d) for s, d in write_opens.renames if Path(d).parent != out / STATE]
     finals = [Path(dst).name for _, dst in renames]
     temps = [Path(s) for s, _ in renames]
@@ -369,7 +370,7 @@ def test_overwrite_over_hard_links_never_writes_into_the_source(
 
     # --overwrite with --copy and another layout: every linked name gets new bytes or a new inode.
     api_convert(src.path, out, layout="tp-blocked", tp=2,
-                options=ExecuteOptions(overwrite=True, workers=2))  # fmt: skip
+                overwrite=True, workers=2)  # fmt: skip
     assert write_opens.hits == []
     assert _linked(out, src.path) == set()
     src.check()
@@ -401,8 +402,8 @@ def test_resume_after_kill_with_links_never_writes_into_the_source(
     write_opens.watch(big.src)
     # --copy is another output
     with pytest.raises(GdnfuseError, match="link=False but the interrupted run used link=True"):
-        api_convert(big.src, out, options=ExecuteOptions(resume=True, link=False, workers=2))
-    api_convert(big.src, out, options=ExecuteOptions(resume=True, link=True, workers=2))
+        api_convert(big.src, out, resume=True, link=False, workers=2)
+    api_convert(big.src, out, resume=True, link=True, workers=2)
     assert write_opens.hits == []
     assert _linked(out, big.src) >= linked
     assert_finished(out, big.ref)
@@ -462,7 +463,8 @@ def test_disk_filling_mid_run_fails_clearly_and_resume_finishes(
     filler: list[Path] = []
     with pytest.raises(GdnfuseError, match="no space left") as caught:
         # The free-space check passes; then another writer takes the space.
-        api_convert(src.path, out, on_plan=lambda plan: filler.append(fill(fs, 64 << 10)))
+        api_run(src.path, out, ExecuteOptions(),
+                on_plan=lambda plan: filler.append(fill(fs, 64 << 10)))
     assert "resume=True" in str(caught.value) and str(out) in str(caught.value)
     assert "--resume" in caught.value.for_cli()
     assert leftovers(out) == [] and not looks_complete(out)
@@ -481,19 +483,21 @@ def test_disk_filling_mid_run_fails_clearly_and_resume_finishes(
 def test_disk_full_through_the_cli_is_one_clear_line(
     src: Guarded, small_fs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import sys
+
     from typer.testing import CliRunner
 
-    import gdnfuse.convert
     from gdnfuse.cli import app
 
+    convert_module = sys.modules["gdnfuse.convert"]  # the module; gdnfuse.convert: the function
     fs = small_fs("1m")
-    real_check = gdnfuse.convert.check_free_space
+    real_check = convert_module.check_free_space
 
     def check_then_fill(out: Path, needed: int, hint: bool = True) -> None:
         real_check(out, needed, hint)
         fill(fs, 64 << 10)
 
-    monkeypatch.setattr(gdnfuse.convert, "check_free_space", check_then_fill)
+    monkeypatch.setattr(convert_module, "check_free_space", check_then_fill)
     result = CliRunner().invoke(app, ["convert", str(src.path), "--out", str(fs / "out")])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -512,7 +516,7 @@ def test_source_changing_during_the_run_is_reported_and_cleaned_up(
         os.truncate(victim, victim.stat().st_size // 2)
 
     with pytest.raises(GdnfuseError, match="source ended") as caught:
-        api_convert(src.path, out, on_plan=shrink, options=ExecuteOptions(workers=1))
+        api_run(src.path, out, ExecuteOptions(workers=1), on_plan=shrink)
     assert victim.name in str(caught.value)
     assert leftovers(out) == [] and not looks_complete(out)
     src.before = snapshot(src.path)  # the test itself changed the source

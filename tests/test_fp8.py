@@ -30,7 +30,6 @@ from typer.testing import CliRunner
 
 from gdnfuse.cli import app
 from gdnfuse.convert import convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import GdnDims, Layout
 from gdnfuse.quant import fused_module_names
 from gdnfuse.record import unstamp_config
@@ -228,7 +227,7 @@ def expected_fused(first: Tensor, second: Tensor, kind: str, dims: GdnDims, layo
 
 
 def run_convert(src: Path, out: Path, layout: Layout, tp: int) -> None:
-    convert(src, out, layout=layout, tp=tp, options=ExecuteOptions(workers=1, overwrite=True))
+    convert(src, out, layout=layout, tp=tp, workers=1, overwrite=True)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=str)

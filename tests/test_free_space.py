@@ -3,16 +3,17 @@ files the interrupted run finished are not counted again."""
 
 from __future__ import annotations
 
+import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
-from gdnfuse import convert as convert_module
 from gdnfuse.convert import convert
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import write_checkpoint
+
+CONVERT = sys.modules["gdnfuse.convert"]  # the module (gdnfuse.convert is the function)
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -22,7 +23,7 @@ class Stop(Exception):
 
 
 def _free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
-    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda p: Usage(free, 0, free))
+    monkeypatch.setattr(CONVERT.shutil, "disk_usage", lambda p: Usage(free, 0, free))
 
 
 def test_resume_checks_only_the_remaining_bytes(tmp_path: Path, monkeypatch) -> None:
@@ -36,23 +37,23 @@ def test_resume_checks_only_the_remaining_bytes(tmp_path: Path, monkeypatch) -> 
             raise Stop
 
     with pytest.raises(Stop):
-        convert(src, out, options=ExecuteOptions(workers=1), progress=stop_after_first_file)
+        convert(src, out, workers=1, progress=stop_after_first_file)
     total = sum(p.stat().st_size for p in src.iterdir())
     done = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
     assert 0 < done < total
 
     _free(monkeypatch, total - done // 2)  # enough for the rest, not for everything
     with pytest.raises(GdnfuseError, match="not enough free space"):
-        convert(src, tmp_path / "fresh", options=ExecuteOptions())
-    convert(src, out, options=ExecuteOptions(resume=True))
+        convert(src, tmp_path / "fresh")
+    convert(src, out, resume=True)
     assert (out / "model.safetensors.index.json").is_file()
 
 
 def test_link_mode_does_not_count_linked_shards(tmp_path: Path, monkeypatch) -> None:
     src = write_checkpoint(tmp_path / "src", "tiny", shard_bytes=20_000)
-    plan = convert_module.plan_source(src)
+    plan = CONVERT.plan_source(src)
     assert plan.bytes_untouched > 0
     _free(monkeypatch, plan.plan.total_bytes - plan.bytes_untouched + 1)
     with pytest.raises(GdnfuseError, match="not enough free space"):
-        convert(src, tmp_path / "a", options=ExecuteOptions())
-    convert(src, tmp_path / "b", options=ExecuteOptions(link=True))
+        convert(src, tmp_path / "a")
+    convert(src, tmp_path / "b", link=True)

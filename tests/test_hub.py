@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from gdnfuse import hub as gdnhub
-from gdnfuse.convert import MANIFEST_NAME, convert, plan_source
+from gdnfuse.convert import MANIFEST_NAME, plan_source, run
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import PRESETS, write_checkpoint
@@ -98,7 +98,7 @@ def assert_same_conversion(hub_out: Path, local_out: Path) -> None:
 
 
 def _local(src: Path, out: Path, record: dict) -> Path:
-    convert(src, out, record_source=record, options=ExecuteOptions(checksum=True))
+    run(src, out, ExecuteOptions(checksum=True), record_source=record)
     return out
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ import pytest
 from corrupt import error_line, run_cli
 from typer.testing import CliRunner
 
-from gdnfuse import convert as convert_module
 from gdnfuse.cli import app
 from gdnfuse.convert import convert, plan_source
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import verify
+
+CONVERT = sys.modules["gdnfuse.convert"]  # the module (gdnfuse.convert is the function)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_synth_says_what_it_writes_and_offers_a_smaller_vocabulary(tmp_path: Pat
 
 
 def test_verify_progress_tells_bytes_and_layers(src: Path, tmp_path: Path) -> None:
-    out = convert(src, tmp_path / "o", tp=2, options=ExecuteOptions(workers=1)).out
+    out = convert(src, tmp_path / "o", tp=2, workers=1).out
     seen: list[tuple[str, int, int]] = []
     assert verify(out, against=src, progress=lambda *a: seen.append(a)).ok
     exact = [s for s, _, _ in seen if s.startswith("exact bytes: ")]
@@ -104,7 +105,7 @@ def test_dry_run_prints_the_plan_of_a_source_bigger_than_the_disk(
         usage = real(path)
         return type(usage)(usage.total, usage.total - 1000, 1000)
 
-    monkeypatch.setattr(convert_module.shutil, "disk_usage", tiny_disk)
+    monkeypatch.setattr(CONVERT.shutil, "disk_usage", tiny_disk)
     res = CliRunner().invoke(app, ["convert", str(src), "--out", str(tmp_path / "o"),
                                    "--dry-run", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.stderr
@@ -121,7 +122,7 @@ def test_verify_reports_carry_each_checks_seconds(src: Path, tmp_path: Path) -> 
     """A CI log says which check costs what: seconds per check in JSON, time per JUnit case."""
     import xml.etree.ElementTree as ET
 
-    out = convert(src, tmp_path / "o", tp=2, options=ExecuteOptions(workers=1)).out
+    out = convert(src, tmp_path / "o", tp=2, workers=1).out
     report = verify(out, against=src)
     checks = report.to_json()["checks"]
     assert all(isinstance(c["seconds"], float) and c["seconds"] >= 0 for c in checks)
@@ -130,3 +131,18 @@ def test_verify_reports_carry_each_checks_seconds(src: Path, tmp_path: Path) -> 
     assert numeric["seconds"] > 0
     cases = ET.fromstring(report.to_junit()).iter("testcase")
     assert all(float(case.get("time", "x")) >= 0 for case in cases)
+
+
+def test_the_package_is_the_api(src: Path, tmp_path: Path) -> None:
+    """``from gdnfuse import convert, verify, inspect, plan``; a dry run writes nothing."""
+    import gdnfuse
+
+    assert {"convert", "verify", "inspect", "plan"} <= set(gdnfuse.__all__)
+    dry = gdnfuse.convert(src, tmp_path / "o", engine="transformers", text_only=True,
+                          dry_run=True)  # fmt: skip
+    assert dry.dry_run and dry.files == () and not (tmp_path / "o").exists()
+    assert dry.summary()["dry_run"] is True and dry.summary()["loaded_by"]
+    result = gdnfuse.convert(src, tmp_path / "o", engine="transformers", text_only=True)
+    assert gdnfuse.verify(result.out, against=src, numeric=False)
+    assert gdnfuse.inspect(result.out)["transformers"].outcome.value == "loads"
+    assert gdnfuse.plan(src).summary()["loaded_by"] == []

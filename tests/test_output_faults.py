@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from corrupt import (
@@ -37,11 +38,10 @@ from test_faults import _stopped, fill, small_fs  # noqa: F401 (small_fs is a fi
 
 from gdnfuse.convert import MANIFEST_NAME, convert
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import write_checkpoint
 from gdnfuse.verify import verify
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict[str, Any] = {"workers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_lock_of_a_killed_run_does_not_block_resume(src: Path, tmp_path: Path) -
     assert (out / STATE / "lock").exists()  # left behind, but no process holds it
     proc = run_cli("convert", src, "--out", out, "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    ref = convert(src, tmp_path / "ref", options=OPTS).out
+    ref = convert(src, tmp_path / "ref", **OPTS).out
     assert digests(out) == digests(ref)
     assert not (out / STATE).exists()
 
@@ -152,7 +152,7 @@ def test_overwrite_after_an_interrupted_run_of_another_source(src: Path, tmp_pat
     (out / "my-notes.txt").write_text("mine")  # the user's own file: kept
     proc = run_cli("convert", src, "--out", out, "--overwrite", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    ref = convert(src, tmp_path / "ref", options=OPTS).out
+    ref = convert(src, tmp_path / "ref", **OPTS).out
     assert sorted(os.listdir(out)) == sorted([*os.listdir(ref), "my-notes.txt"])
     assert verify(out, against=src, numeric=False).ok
 
@@ -165,7 +165,7 @@ def test_overwrite_interrupted_in_its_own_clean_up(
     import gdnfuse.executor as executor
 
     other = _renamed(src, tmp_path / "other")
-    out = convert(other, tmp_path / "out", options=OPTS).out
+    out = convert(other, tmp_path / "out", **OPTS).out
     real, removed = executor._remove_old, []
 
     def dying(root: Path, name: str) -> None:
@@ -176,12 +176,12 @@ def test_overwrite_interrupted_in_its_own_clean_up(
 
     monkeypatch.setattr(executor, "_remove_old", dying)
     with pytest.raises(KeyboardInterrupt):
-        convert(src, out, options=ExecuteOptions(workers=1, overwrite=True))
+        convert(src, out, workers=1, overwrite=True)
     monkeypatch.setattr(executor, "_remove_old", real)
     assert not (out / MANIFEST_NAME).exists()
     assert any(n.startswith("other-") for n in os.listdir(out))
-    convert(src, out, options=ExecuteOptions(workers=1, overwrite=True))
-    ref = convert(src, tmp_path / "ref", options=OPTS).out
+    convert(src, out, workers=1, overwrite=True)
+    ref = convert(src, tmp_path / "ref", **OPTS).out
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
 
 
@@ -193,7 +193,7 @@ def test_link_onto_another_filesystem_is_counted_as_a_copy(
 ) -> None:
     fs = small_fs("2m")
     plan_bytes = sum(p.stat().st_size for p in src.iterdir())
-    rewritten = sum(p.stat().st_size for p in convert(src, tmp_path / "probe", options=OPTS)
+    rewritten = sum(p.stat().st_size for p in convert(src, tmp_path / "probe", **OPTS)
                     .out.iterdir()) - plan_bytes  # fmt: skip
     assert rewritten < plan_bytes
     fill(fs, plan_bytes // 2 + max(rewritten, 0))  # room for less than everything
@@ -270,7 +270,7 @@ def test_symlinked_folder_is_followed_and_verified(src: Path, tmp_path: Path) ->
     shared.mkdir()
     (shared / "tokenizer.json").write_text('{"version": "1.0"}')
     (src / "tokenizer").symlink_to(shared)
-    out = convert(src, tmp_path / "out", options=OPTS).out
+    out = convert(src, tmp_path / "out", **OPTS).out
     assert (out / "tokenizer" / "tokenizer.json").read_text() == '{"version": "1.0"}'
     assert verify(out, against=src, numeric=False).ok
     (out / "tokenizer" / "tokenizer.json").unlink()  # verify must notice a missing side file
@@ -281,7 +281,7 @@ def test_symlinked_folder_is_followed_and_verified(src: Path, tmp_path: Path) ->
 def test_symlink_loop_is_refused(src: Path, tmp_path: Path) -> None:
     (src / "loop").symlink_to(src)
     with pytest.raises(GdnfuseError, match="loop"):
-        convert(src, tmp_path / "out", options=OPTS)
+        convert(src, tmp_path / "out", **OPTS)
     assert not (tmp_path / "out").exists()
 
 
@@ -318,7 +318,7 @@ def test_fsync_syncs_the_directories(
         real(fd)
 
     monkeypatch.setattr(executor.os, "fsync", traced)
-    out = convert(src, tmp_path / "out", options=ExecuteOptions(workers=1, fsync=True)).out
+    out = convert(src, tmp_path / "out", workers=1, fsync=True).out
     assert str(out) in synced  # the directory entry of every rename
     files = [s for s in synced if s != str(out)]
     assert len(files) >= len(os.listdir(out))  # and each file before its rename
@@ -328,7 +328,7 @@ def test_layers_select_decoder_layers_and_mtp_separately(tmp_path: Path) -> None
     from tiny_models import build_checkpoint
 
     src = build_checkpoint(tmp_path / "src", r=2, mtp=True)
-    out = convert(src, tmp_path / "out", options=OPTS).out
+    out = convert(src, tmp_path / "out", **OPTS).out
     zero = verify(out, layers=[0])
     detail = " ".join(c.detail for c in zero.checks if c.name == "numeric.forward")
     assert detail.startswith("1 GDN layers"), detail  # layer 0 only, not mtp.layers.0 too
@@ -351,7 +351,7 @@ def test_layer_types_are_cross_checked_with_the_tensors(src: Path, tmp_path: Pat
     kinds[i] = "full_attention"
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(GdnfuseError, match=f"layer_types.*{i}"):
-        convert(src, tmp_path / "out", options=OPTS)
+        convert(src, tmp_path / "out", **OPTS)
 
 
 def test_gdnfuse_names_inside_a_source_do_not_break_resume_or_verify(
@@ -363,14 +363,14 @@ def test_gdnfuse_names_inside_a_source_do_not_break_resume_or_verify(
 
     shard = src / sorted(set(weight_map(src).values()))[0]
     edit_header(shard, lambda h: h.setdefault("__metadata__", {}).update({"gdnfuse.layout": "x"}))
-    out = convert(src, tmp_path / "out", options=OPTS).out
+    out = convert(src, tmp_path / "out", **OPTS).out
     assert (out / "weights.gdnfuse-tmp").exists()
     report = verify(out, against=src, numeric=False)
     assert report.ok, [f.detail for f in report.failures]
 
 
 def test_verify_ignores_unindexed_shards_like_convert(src: Path, tmp_path: Path) -> None:
-    out = convert(src, tmp_path / "out", options=OPTS).out
+    out = convert(src, tmp_path / "out", **OPTS).out
     shutil.copy(out / sorted(set(weight_map(out).values()))[0], out / "consolidated.safetensors")
     report = verify(out, against=src, numeric=False)
     assert report.ok, [f.detail for f in report.failures]

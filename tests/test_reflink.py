@@ -24,7 +24,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gdnfuse.convert import convert, plan_source
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.plan import clonable_bytes
 from gdnfuse.safetensors_file import read_header
 from gdnfuse.verify import verify
@@ -131,6 +130,6 @@ def test_resume_and_overwrite_keep_working_on_cow(cow: Path, model: Path) -> Non
     src = cow / "src2"
     if not src.exists():
         shutil.copytree(model, src)
-    out = convert(src, cow / "o2", options=ExecuteOptions(workers=1, checksum=True)).out
+    out = convert(src, cow / "o2", workers=1, checksum=True).out
     convert(src, out, overwrite=True, link=True)
     assert verify(out, against=src, numeric=False)

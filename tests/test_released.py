@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,11 +28,10 @@ from gdnfuse.arch import VISION_SIDE_FILES
 from gdnfuse.checkpoint import open_checkpoint
 from gdnfuse.convert import convert, plan_source
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import PRESETS, config_for, tensor_shapes, write_checkpoint
 from gdnfuse.verify import verify
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict[str, Any] = {"workers": 1}
 TINY_MOE = replace(PRESETS["tiny"], intermediate=0, experts=4, moe_intermediate=16,
                    experts_per_tok=2, fused_experts=True)  # fmt: skip
 
@@ -84,7 +84,7 @@ def test_engine_output_of_a_vl_source_needs_text_only(vl: Path, tmp_path: Path) 
         assert "vision tower" in line and "--text-only" in line and "serve the source" in line
         assert not (tmp_path / "o").exists()
     with pytest.raises(GdnfuseError, match="text_only=True"):
-        convert(vl, tmp_path / "api", engine="transformers", options=OPTS)
+        convert(vl, tmp_path / "api", engine="transformers", **OPTS)
     assert not (tmp_path / "api").exists()
     proc = run_cli("convert", vl, "--out", tmp_path / "p", "--text-only")
     assert proc.returncode == 2 and "keeps it" in error_line(proc)
@@ -113,7 +113,7 @@ def test_text_only_output_says_what_it_dropped(vl: Path, tmp_path: Path) -> None
 
 
 def test_verify_passes_text_only_and_catches_a_carried_processor(vl: Path, tmp_path: Path) -> None:
-    out = convert(vl, tmp_path / "o", engine="transformers", text_only=True, options=OPTS).out
+    out = convert(vl, tmp_path / "o", engine="transformers", text_only=True, **OPTS).out
     report = verify(out, against=vl, numeric=False)
     assert report.ok, [c.detail for c in report.failures]
     dropped = next(c for c in report.checks if c.name == "exact.dropped")
@@ -132,7 +132,7 @@ def test_qwen3_next_config_carries_rope_where_every_reader_looks(vl: Path, tmp_p
     for shape, name in ((PRESETS["tiny"], "dense"), (TINY_MOE, "moe")):
         src = write_checkpoint(tmp_path / f"{name}-src", shape)
         out = convert(src, tmp_path / name, engine="transformers", text_only=True,
-                      options=OPTS).out  # fmt: skip
+                      **OPTS).out  # fmt: skip
         config = json.loads((out / "config.json").read_text())
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1e7
         assert config["partial_rotary_factor"] == 0.25
@@ -162,7 +162,7 @@ def test_mtp_weights_keep_their_names(vl: Path, tmp_path: Path) -> None:
     """vLLM's qwen3_next_mtp.py and sglang's qwen3_next.py (is_mtp) read mtp.* as Qwen3.5
     stores it; the fused main experts are split per expert, the MTP layer's stay per expert."""
     src = write_checkpoint(tmp_path / "moe", TINY_MOE)
-    out = convert(src, tmp_path / "o", engine="transformers", text_only=True, options=OPTS).out
+    out = convert(src, tmp_path / "o", engine="transformers", text_only=True, **OPTS).out
     names = set(open_checkpoint(out).tensors)
     mtp_src = {n for n in open_checkpoint(src).tensors if n.startswith("mtp.")}
     assert mtp_src and mtp_src <= names
@@ -179,7 +179,7 @@ def test_rope_only_in_rope_parameters_is_a_misread_for_top_level_readers(tmp_pat
     from gdnfuse import loaders
 
     src = write_checkpoint(tmp_path / "src", TINY_MOE)
-    out = convert(src, tmp_path / "o", engine="sglang", text_only=True, options=OPTS).out
+    out = convert(src, tmp_path / "o", engine="sglang", text_only=True, **OPTS).out
     assert loaders.verdicts(out)["sglang"].outcome.value == "loads"
     config = json.loads((out / "config.json").read_text())
     del config["rope_theta"], config["partial_rotary_factor"]

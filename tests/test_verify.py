@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,6 @@ from typer.testing import CliRunner
 from gdnfuse.checkpoint import INDEX_NAME
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import encode_header, read_header
 from gdnfuse.synthetic import write_checkpoint
@@ -56,7 +56,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / key,
             layout=layout,
             tp=tp,
-            options=ExecuteOptions(workers=1, checksum=checksum),
+            workers=1, checksum=checksum,
         )
         out[key] = root / key
     return out
@@ -546,7 +546,7 @@ def test_failed_report_formats(
 
 
 def test_first_difference_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gdnfuse.verify.exact.CHUNK", 1000)
+    monkeypatch.setattr(sys.modules["gdnfuse.verify.exact"], "CHUNK", 1000)
     a, b = tmp_path / "a", tmp_path / "b"
     data = bytes(range(256)) * 40
     a.write_bytes(b"xx" + data)
@@ -624,7 +624,7 @@ def write_fp8(root: Path) -> Path:
 def test_fp8_block_scales(tmp_path: Path) -> None:
     src = write_fp8(tmp_path / "src")
     out = tmp_path / "out"
-    convert(src, out, layout="tp-blocked", tp=2, options=ExecuteOptions(workers=1))
+    convert(src, out, layout="tp-blocked", tp=2, workers=1)
     report = verify(out, against=src)
     assert report.ok, [c for c in report.checks if not c.ok]
     scale = f"{P}layers.0.linear_attn.in_proj_qkvz.weight_scale_inv"

@@ -35,7 +35,6 @@ from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import INDEX_NAME, open_checkpoint
 from gdnfuse.convert import convert
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 from gdnfuse.record import RECORD_KEY
 
@@ -64,7 +63,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path
             fuse_experts_on_disk(src)
         out = root / f"{key}.out"
         convert(src, out, layout=Layout.QWEN3_NEXT, tp=tp, arch=Arch.QWEN3_NEXT,
-                text_only=True, options=ExecuteOptions(workers=1))  # fmt: skip
+                text_only=True, workers=1)  # fmt: skip
         done[key] = (src, out)
     return done
 
@@ -277,7 +276,7 @@ def test_qwen3_next_is_no_source(made: dict[str, tuple[Path, Path]], tmp_path: P
     """Verify reads qwen3_next outputs; conversion and --against still refuse them."""
     _, out = made["dense-text"]
     with pytest.raises(GdnfuseError, match="already fused"):
-        convert(out, tmp_path / "again", options=ExecuteOptions(workers=1))
+        convert(out, tmp_path / "again", workers=1)
     code, _, stderr = run(made["moe-text"][1], "--against", out)
     assert code == 2 and "not a Qwen3.5 model" in stderr
     assert not json.loads((out / "config.json").read_text())[RECORD_KEY]["arch"]["dropped_tensors"]

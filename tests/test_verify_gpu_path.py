@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gdnfuse.convert import convert
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 from gdnfuse.record import RECORD_KEY
 from gdnfuse.synthetic import write_checkpoint
@@ -24,7 +23,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("layout", list(Layout))
 def test_gpu_path_passes_a_good_conversion(source: Path, tmp_path: Path, layout: Layout) -> None:
     out = tmp_path / "out"
-    convert(source, out, layout=layout, tp=2, options=ExecuteOptions())
+    convert(source, out, layout=layout, tp=2)
     results = check_gpu(out, source, 2, "cpu")
     assert len(results) == 3  # one per GDN layer of the tiny preset
     assert all(r.ok for r in results), [r.detail for r in results if not r.ok]
@@ -32,7 +31,7 @@ def test_gpu_path_passes_a_good_conversion(source: Path, tmp_path: Path, layout:
 
 def test_gpu_path_catches_a_wrong_layout_record(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    convert(source, out, layout=Layout.QWEN3_NEXT, tp=2, options=ExecuteOptions())
+    convert(source, out, layout=Layout.QWEN3_NEXT, tp=2)
     config = json.loads((out / "config.json").read_text())
     config[RECORD_KEY]["layout"] = "tp-blocked"  # nk/tp = 2: the layouts differ
     (out / "config.json").write_text(json.dumps(config))
@@ -42,6 +41,6 @@ def test_gpu_path_catches_a_wrong_layout_record(source: Path, tmp_path: Path) ->
 
 def test_gpu_path_needs_the_source(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    convert(source, out, tp=2, options=ExecuteOptions())
+    convert(source, out, tp=2)
     (result,) = check_gpu(out, None, 2, "cpu")
     assert result.skipped and "--against" in result.detail
