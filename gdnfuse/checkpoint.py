@@ -86,7 +86,8 @@ def walk(root: Path) -> Listing:
     """Regular files under ``root``, following symlinks to files and folders anywhere (a Hugging
     Face snapshot is all symlinks), refusing a symlink loop, skipping caches, weight
     duplicates, gdnfuse's own state folder and anything that is not a regular file."""
-    files, odd = [], []
+    files: list[str] = []
+    odd: list[str] = []
     ancestors: dict[str, frozenset[tuple[int, int]]] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         try:

@@ -357,6 +357,7 @@ def convert(
         if overwrite and resume:
             raise GdnfuseError("--overwrite and --resume exclude each other")
         fetch = None
+        record: dict[str, Any] | None
         if overlap and not dry_run and _is_hub_source(source):
             from gdnfuse import hub
 
@@ -782,8 +783,8 @@ def synth(
 
             path = write_checkpoint(out_dir, shape, dtype=dtype, seed=seed,
                                     shard_bytes=shard_bytes, fast=True, progress=wrote)  # fmt: skip
-    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    out.print(f"wrote {_human(size)} ({preset}, {shape.layers} layers) to {path}",
+    written = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    out.print(f"wrote {_human(written)} ({preset}, {shape.layers} layers) to {path}",
               soft_wrap=True)  # fmt: skip
 
 

@@ -105,16 +105,14 @@ def relocate(cplan: ConversionPlan, old: Path, new: Path) -> ConversionPlan:
     fingerprint are those of a plan made from ``new`` itself, as paths are ``root / name``."""
     prefix = str(old)
 
-    def moved(path: str | None) -> str | None:
-        if path is None:
-            return None
+    def moved(path: str) -> str:
         rel = os.path.relpath(path, prefix)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep):
             raise GdnfuseError("plan reads a file outside the source", path=path)
         return str(new / rel)
 
     files = tuple(
-        replace(f, whole_source=moved(f.whole_source),
+        replace(f, whole_source=moved(f.whole_source) if f.whole_source else None,
                 extents=tuple(replace(e, source=moved(e.source)) for e in f.extents))
         for f in cplan.plan.files
     )  # fmt: skip
@@ -137,7 +135,7 @@ def _check_args(**ints: Any) -> None:
             raise GdnfuseError(f"{name}={value!r}: expected a positive integer")
 
 
-def _enum(kind: type, value: Any, name: str) -> Any:
+def _enum(kind: type[Layout] | type[Arch], value: Any, name: str) -> Any:
     try:
         return None if value is None else kind(value)
     except ValueError:
@@ -165,10 +163,11 @@ def plan_source(
     leaves the vision tower out; without it such a plan is refused in one line.
     """
     _check_args(tp=tp)
-    layout, arch = _enum(Layout, layout, "layout"), _enum(Arch, arch, "arch")
+    layout_: Layout | None = _enum(Layout, layout, "layout")
+    arch_: Arch | None = _enum(Arch, arch, "arch")
     with _gc_paused():
         ckpt = open_checkpoint(source)
-        out = resolve_output(ckpt, layout, tp, arch, engine)
+        out = resolve_output(ckpt, layout_, tp, arch_, engine)
         cplan = plan_conversion(ckpt, out.layout, out.rows_tp, record_source, out.arch,
                                 stamp=out.stamp, serves=out.serves, block=block,
                                 text_only=text_only)  # fmt: skip

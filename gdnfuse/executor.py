@@ -392,9 +392,9 @@ def _prepare(
         if not options.overwrite:
             raise OutputError(_not_empty(), path=str(out))
     try:  # name everything gdnfuse may leave here before removing any of it
-        owned = {"owned": sorted(set(names) | set(old))}
+        listed = {"owned": sorted(set(names) | set(old))}
         fresh = journal.with_name("journal.new")  # whole or absent, whenever a kill lands
-        fresh.write_text(json.dumps(dict(head)) + "\n" + json.dumps(owned) + "\n")
+        fresh.write_text(json.dumps(dict(head)) + "\n" + json.dumps(listed) + "\n")
         os.replace(fresh, journal)
     except OSError as e:
         journal.unlink(missing_ok=True)

@@ -311,6 +311,7 @@ def list_files(pinned: Pinned, cache: Path, token: str | None = None) -> list[Re
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
+    tree: Iterable[Any]
     try:
         tree = get_cached_repo_tree(pinned.repo_id, revision=pinned.sha, cache_dir=cache)
     except CachedRepoTreeNotFoundError:

@@ -6,7 +6,7 @@ consecutive rows of one source tensor). The same description serves fusing (read
 runs in order), un-fusing (read it backwards) and the FP8 scale tensors (call it with
 dims measured in 128-row blocks instead of rows, see :meth:`GdnDims.in_blocks`).
 
-See LAYOUTS.md section 3 for the two layouts.
+See docs/layouts.md section 3 for the two layouts.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Layout(StrEnum):
 
 @dataclass(frozen=True)
 class GdnDims:
-    """Head counts and head sizes of one GDN layer (LAYOUTS.md section 1)."""
+    """Head counts and head sizes of one GDN layer (docs/layouts.md section 1)."""
 
     nk: int
     nv: int

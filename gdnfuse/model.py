@@ -1,6 +1,6 @@
 """Qwen3.5 model description: which family a config is, its GDN dims, its GDN layers.
 
-The tensors present are the truth (LAYOUTS.md section 5): every layer that has
+The tensors present are the truth (docs/layouts.md section 5): every layer that has
 ``linear_attn.in_proj_qkv`` is a GDN layer to fuse, whatever its prefix (``mtp.`` too);
 the config only supplies the head counts and sizes, and is cross-checked against shapes.
 """
@@ -84,7 +84,7 @@ def describe_config(
     # Like transformers: a text_config, when present, holds the language model's dims.
     text = config.get("text_config")
     key = "text_config" if isinstance(text, Mapping) else None
-    fields = text if key else config
+    fields: Mapping[str, Any] = text if isinstance(text, Mapping) else config
     where = f"{path} ({key})" if key else path
     names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
              "linear_value_head_dim", "hidden_size")  # fmt: skip
@@ -101,7 +101,7 @@ def describe_config(
     except GdnfuseError as e:  # say which file holds the bad numbers
         raise GdnfuseError(e.message, path=path) from None
     quant = config.get("quantization_config") or fields.get("quantization_config")
-    return ModelInfo(model_type, dims, fields["hidden_size"], key, quant)
+    return ModelInfo(str(model_type), dims, fields["hidden_size"], key, quant)
 
 
 class TensorRef(NamedTuple):

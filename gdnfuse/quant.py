@@ -1,7 +1,7 @@
 """Quantized checkpoints: which schemes can be fused, and keeping their configs consistent.
 
 Supported: FP8 with square weight blocks (``quant_method: fp8``, ``weight_block_size``),
-as in the official Qwen3.5 FP8 checkpoints (LAYOUTS.md section 7): ``weight_scale_inv``
+as in the official Qwen3.5 FP8 checkpoints (docs/layouts.md section 7): ``weight_scale_inv``
 rows follow the weight plan in units of blocks. Everything else is refused by name,
 since a packed int4 or per-group scheme would need its own row math.
 """

@@ -334,7 +334,8 @@ def write_checkpoint(
             size = 0
         shards[-1].append((name, shp))
         size += n
-    weight_map, total = {}, 0
+    weight_map: dict[str, str] = {}
+    total = 0
     everything = sum(_numel(shp) for _, shp in tensors) * DTYPE_BYTES[dtype]
     for i, shard in enumerate(shards):
         if sort:

@@ -12,6 +12,7 @@ if ! command -v mkfs.xfs >/dev/null || ! command -v mkfs.btrfs >/dev/null; then
   fi
 fi
 .venv/bin/ruff check gdnfuse tests scripts
+.venv/bin/python -m mypy  # the files and settings are in pyproject.toml
 # The engine tests must run here, not skip: they judge what users run.
 export GDNFUSE_REQUIRE_ENGINES=1 GDNFUSE_ENGINE_PYTHON="$PWD/.venv-engines/bin/python"
 .venv/bin/python -m pytest tests "$@"

@@ -208,7 +208,7 @@ def load_dir(root: Path) -> dict[str, Tensor]:
 
 def expected_fused(first: Tensor, second: Tensor, kind: str, dims: GdnDims, layout: Layout,
                    tp: int) -> Tensor:  # fmt: skip
-    """The fused tensor by reshape + cat, written from LAYOUTS.md section 3 (not layout.py).
+    """The fused tensor by reshape + cat, written from docs/layouts.md section 3 (not layout.py).
 
     ``dims`` are in rows of these tensors (blocks for scales). Works on raw bytes (uint8)
     so fp8 and bf16 are permuted alike.

@@ -1,7 +1,7 @@
 """Property tests of :mod:`gdnfuse.layout`: the run tables are exact row permutations.
 
 Rows are named ``(source, row)``. The expected order of each layout is written here a
-second time, row by row from LAYOUTS.md section 3 (``divmod`` on the fused row index, not
+second time, row by row from docs/layouts.md section 3 (``divmod`` on the fused row index, not
 runs), so the tables are checked against an independent statement of the layout.
 The checkers themselves are tested on planted faults at the end.
 """
@@ -71,7 +71,7 @@ def bijection_problems(runs: Sequence[RowRun], dims: GdnDims, fused: str) -> lis
 
 
 def expected_rows(dims: GdnDims, fused: str, layout: Layout, tp: int) -> list[Row]:
-    """The fused tensor's rows, one by one, straight from LAYOUTS.md section 3."""
+    """The fused tensor's rows, one by one, straight from docs/layouts.md section 3."""
     nk, nv, dk, dv, r = dims.nk, dims.nv, dims.dk, dims.dv, dims.r
     out: list[Row] = []
     if fused == QKVZ and layout is Layout.QWEN3_NEXT:

@@ -2,7 +2,7 @@
 
 A tiny ``Qwen3_5ForCausalLM`` (or ``Qwen3_5MoeForCausalLM``) saved by transformers is
 converted with the ``qwen3-next`` layout; the test then replaces the output's config.json
-with a ``Qwen3NextConfig`` of the same dims (LAYOUTS.md section 8: dense models need
+with a ``Qwen3NextConfig`` of the same dims (docs/layouts.md section 8: dense models need
 ``num_experts=0, mlp_only_layers=all``; MoE models map one to one) and loads it with
 ``Qwen3NextForCausalLM.from_pretrained``. Every key must match, and the logits and a greedy
 generation must equal the Qwen3.5 model's. The same comparison run on a ``tp-blocked``
@@ -32,7 +32,7 @@ from gdnfuse.convert import convert
 from gdnfuse.layout import Layout
 
 LOGIT_REL = 1e-4
-"""float32: max |logit diff| relative to max |logit| (observed: 0 on CPU, LAYOUTS.md says 2e-7)."""
+"""float32: max |logit diff| relative to max |logit| (observed: 0 on CPU, the original spec said 2e-7)."""
 NEW_TOKENS = 8
 
 

@@ -71,7 +71,7 @@ class TinySpec:
 
     @property
     def layer_prefix(self) -> str:
-        """Where decoder layers live in the saved checkpoint (LAYOUTS.md section 5)."""
+        """Where decoder layers live in the saved checkpoint (docs/layouts.md section 5)."""
         return "model.language_model.layers." if self.conditional else "model.layers."
 
 

@@ -98,7 +98,7 @@ def fp8_ignore_forms(config: Mapping[str, Any]) -> frozenset[str] | None:
     forms = set()
     for q in quants:
         for key in IGNORE_LISTS:
-            for name in q.get(key) or []:
+            for name in (q or {}).get(key) or []:
                 if isinstance(name, str) and _SPLIT_BA.search(name):
                     forms.add("split")
                 if isinstance(name, str) and _FUSED_BA.search(name):

@@ -14,9 +14,9 @@ SPEC = EngineSpec(
             "models/utils.py: WeightsMapper._map_name_with_shard",
             fused_refusal="maps names by raw substring (in_proj_qkvz -> in_proj_qkvzz, "
             "in_proj_ba -> in_proj_baa), then AutoWeightsLoader raises",
-            # models/qwen3_5.py: packed_modules_mapping in_proj_ba -> [in_proj_b, in_proj_a];
-            # quantization/utils/quant_utils.py: is_layer_skipped needs every shard listed
-            fp8_ignore=frozenset({"split"}),
+            # quantization/utils/quant_utils.py: is_layer_skipped tries the module's own name
+            # (in_proj_ba), then every shard of packed_modules_mapping (in_proj_b, in_proj_a)
+            fp8_ignore=frozenset({"split", "fused"}),
         ),
         "qwen3_next": FamilyRule(
             where="vllm/model_executor/models/qwen3_next.py: Qwen3NextForCausalLM.load_weights",

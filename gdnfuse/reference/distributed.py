@@ -250,11 +250,10 @@ def _rank_main(rank: int, job: _Job) -> None:
                 full = load_split_layer(open_checkpoint(job.against), reader, prefix, model.eps)
                 ref = gpu.reference_forward(x64, full, d)
                 with torch.no_grad():
-                    split = gpu.split_forward(
-                        x64.to(dev, torch.bfloat16),
-                        *(p.to(dev, torch.bfloat16) for p in (full.qkv, full.z, full.b, full.a)),
-                        gpu._to(full.weights, dev, torch.bfloat16), d, ops,
-                    )  # fmt: skip
+                    qkv, z, b, a = (p.to(dev, torch.bfloat16)
+                                    for p in (full.qkv, full.z, full.b, full.a))  # fmt: skip
+                    split = gpu.split_forward(x64.to(dev, torch.bfloat16), qkv, z, b, a,
+                                              gpu._to(full.weights, dev, torch.bfloat16), d, ops)
                 layer_bytes = sum(
                     t.nbytes for t in (full.qkvz, full.ba, *vars(full.weights).values())
                     if isinstance(t, torch.Tensor)

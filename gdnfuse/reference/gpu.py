@@ -6,7 +6,7 @@ GEMMs (4 from split weights, or 2 from fused weights followed by the one-pass un
 are installed (``fla-core``: causal conv + SiLU, ``chunk_gated_delta_rule``, gated RMSNorm), and
 torch-only fallbacks elsewhere (CPU, or no ``gdnfuse[gpu]`` extra). Split and fused paths always
 share every op after the in-projection, so their difference measures the fusion alone
-(LAYOUTS.md section 8: fla's norm and transformers' differ by ~3e-2 in bf16).
+(docs/layouts.md section 8: fla's norm and transformers' differ by ~3e-2 in bf16).
 
 :func:`gpu_verify_layer` compares fused vs split in bf16 and both vs the float64 reference.
 """
@@ -29,7 +29,7 @@ from gdnfuse.reference.triton_uninterleave import triton_available, uninterleave
 
 REL_RMSE_FUSED_VS_SPLIT = 1e-2
 """Fused vs split, both bf16: only the GEMM shapes differ (cuBLAS may pick other kernels, 1-ulp
-output differences, LAYOUTS.md section 8), then the same ops amplify them; measured ~1e-3 or less.
+output differences, docs/layouts.md section 8), then the same ops amplify them; measured ~1e-3 or less.
 A wrong layout gives errors of order 1, two orders above this bound."""
 REL_RMSE_VS_FLOAT64 = 3e-2
 """Each bf16 path vs the float64 reference: bf16 operands land between 1e-3 and 1e-2 (8 mantissa
@@ -294,8 +294,8 @@ def make_input(hidden: int, tokens: int, seed: int, batch: int = 1) -> Tensor:
 def reference_forward(x64: Tensor, t: LayerTensors, dims: GdnDims) -> Tensor:
     """The float64 CPU reference of the split layer (naive.py), ``[B,T,H]``."""
     w = t.weights
-    w64 = GdnWeights(*(v.double() for v in (w.conv1d, w.A_log, w.dt_bias, w.norm, w.out_proj)),
-                     eps=w.eps)  # fmt: skip
+    w64 = GdnWeights(w.conv1d.double(), w.A_log.double(), w.dt_bias.double(), w.norm.double(),
+                     w.out_proj.double(), eps=w.eps)  # fmt: skip
     return naive.split_forward(
         x64, t.qkv.double(), t.z.double(), t.b.double(), t.a.double(), w64, dims
     )
@@ -328,10 +328,8 @@ def gpu_verify_layer(
     x = x64.to(dev, dtype)
     w = _to(tensors.weights, dev, dtype)
     with torch.no_grad():
-        split = split_forward(
-            x, *(p.to(dev, dtype) for p in (tensors.qkv, tensors.z, tensors.b, tensors.a)),
-            w, dims, ops,
-        )  # fmt: skip
+        qkv, z, b, a = (p.to(dev, dtype) for p in (tensors.qkv, tensors.z, tensors.b, tensors.a))
+        split = split_forward(x, qkv, z, b, a, w, dims, ops)
         fused = fused_forward(
             x, tensors.qkvz.to(dev, dtype), tensors.ba.to(dev, dtype), w, dims, layout, tp, ops
         )

@@ -186,6 +186,7 @@ def check_arch_config(
         "fused_expert_tensors_split": expected.split_experts,
     } if isinstance(arch, Mapping) else {}  # fmt: skip
     for key, value in want.items():
+        assert isinstance(arch, Mapping)  # want is empty otherwise
         if arch.get(key) != value:
             fails.append(
                 failed(

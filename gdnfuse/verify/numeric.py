@@ -202,7 +202,8 @@ def check_numeric(
             gen = torch.Generator().manual_seed(SEED)
             x = torch.randn(1, TOKENS, ck.model.hidden_size, generator=gen, dtype=torch.float64)
             x = x.to(device)
-            ref = split_forward(x, *split, w_ref, dims)
+            qkv_w, z_w, b_w, a_w = split
+            ref = split_forward(x, qkv_w, z_w, b_w, a_w, w_ref, dims)
             got = fused_forward(x, qkvz, ba, w_out, dims, layout, consumer)
         except (GdnfuseError, RuntimeError, ValueError, OSError) as e:
             tensor = getattr(e, "tensor", None) or qkvz_name

@@ -261,11 +261,11 @@ def _index(ck: FusedCheckpoint) -> list[CheckResult]:
         elif shard in ck.unreadable:
             continue  # reported by structure.header; its tensors are unknown
         elif where.get(tensor) != shard:
-            actual = f"it is in {where[tensor]}" if tensor in where else "no shard has it"
+            holder = f"it is in {where[tensor]}" if tensor in where else "no shard has it"
             fails.append(
                 failed(
                     "structure.index",
-                    f"index maps tensor to {shard} but {actual}",
+                    f"index maps tensor to {shard} but {holder}",
                     tensor=tensor,
                     file=INDEX_NAME,
                 )
