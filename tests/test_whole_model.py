@@ -32,7 +32,8 @@ from gdnfuse.convert import convert
 from gdnfuse.layout import Layout
 
 LOGIT_REL = 1e-4
-"""float32: max |logit diff| relative to max |logit| (observed: 0 on CPU, the original spec said 2e-7)."""
+"""float32: max |logit diff| relative to max |logit| (observed: 0 on CPU; the original spec
+said 2e-7)."""
 NEW_TOKENS = 8
 
 

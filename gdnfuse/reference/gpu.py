@@ -29,7 +29,8 @@ from gdnfuse.reference.triton_uninterleave import triton_available, uninterleave
 
 REL_RMSE_FUSED_VS_SPLIT = 1e-2
 """Fused vs split, both bf16: only the GEMM shapes differ (cuBLAS may pick other kernels, 1-ulp
-output differences, docs/layouts.md section 8), then the same ops amplify them; measured ~1e-3 or less.
+output differences, docs/layouts.md section 8), then the same ops amplify them; measured ~1e-3
+or less.
 A wrong layout gives errors of order 1, two orders above this bound."""
 REL_RMSE_VS_FLOAT64 = 3e-2
 """Each bf16 path vs the float64 reference: bf16 operands land between 1e-3 and 1e-2 (8 mantissa

@@ -5,8 +5,8 @@ checkpoint's recorded layout (docs/layouts.md section 3): per key-head group
 ``[q_h, k_h, v_group, z_group]`` for ``qwen3-next``, ``[q | k | v | z]`` for ``tp-blocked``. The
 conv wants its channels as ``[Q; K; V]`` and the norm wants ``z`` on its own, so a consumer must
 reorder columns. Qwen3-Next does it with ``view/split/cat`` (several passes and launches, more
-than the fusion saves, docs/layouts.md section 10); this kernel reads each element once and writes it
-once, for ``ba`` as well, in a single launch.
+than the fusion saves, docs/layouts.md section 10); this kernel reads each element once and
+writes it once, for ``ba`` as well, in a single launch.
 
 Work split: program ``(t, h, s)`` copies one ``[BLOCK_T, head_dim]`` tile, segment ``s`` of key-head
 group ``h`` (``q_h``, ``k_h``, then the group's ``r`` value heads of ``v`` and of ``z``); segment 0
