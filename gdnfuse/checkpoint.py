@@ -55,10 +55,6 @@ class Checkpoint:
             if keep(t.name)
         }
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(h.file_size for h in self.shards.values())
-
 
 def load_json(path: Path) -> Any:
     try:

@@ -335,22 +335,6 @@ def missing_bytes(pinned: Pinned, files: list[RemoteFile], cache: Path) -> int:
     return sum(f.size for f in files if not (snap / f.path).is_file())
 
 
-def bytes_to_download(
-    repo_id: str, revision: str | None = None, *, cache_dir: Path | None = None,
-    token: str | None = None,
-) -> tuple[int, int]:  # fmt: skip
-    """(bytes still to download, bytes of the whole selection) for ``repo_id`` at ``revision``."""
-    from huggingface_hub import HfApi, constants
-
-    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    requested = revision or constants.DEFAULT_REVISION
-    with _hub_errors(repo_id, requested, cache):
-        sha = HfApi(token=token).resolve_revision(repo_id, revision=revision, cache_dir=cache)
-        pinned = Pinned(repo_id, sha.resolved, requested)
-        files = list_files(pinned, cache, token)
-    return missing_bytes(pinned, files, cache), sum(f.size for f in files)
-
-
 def check_disk_space(
     download: int, output: int, cache: Path, out: Path,
     disk_usage: Callable[[Path], Any] = shutil.disk_usage,
