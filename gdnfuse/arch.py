@@ -1,7 +1,7 @@
 """``--arch qwen3-next``: re-label a Qwen3.5 language model as a Qwen3-Next checkpoint.
 
 With the GDN projections fused in the ``qwen3-next`` layout, a Qwen3.5 text model *is* a
-Qwen3-Next model up to names (LAYOUTS.md sections 4, 5 and 8): the attention (with output
+Qwen3-Next model up to names (docs/layouts.md sections 4, 5 and 8): the attention (with output
 gate), the zero-centred RMSNorms, the MoE block (softmax top-k with normalised weights,
 sigmoid-gated shared expert) and the dense MLP are the same modules, and for text-only
 positions Qwen3.5's MRoPE equals plain partial RoPE. So every engine that runs Qwen3-Next

@@ -146,7 +146,7 @@ def _bench_tokens(
         F.linear(x, w[f"qkvz-{tb}"]), F.linear(x, w[f"ba-{tb}"]), dims, tb
     )
     # correct at every size before timing: fused + kernel gives split's outputs (up to the
-    # GEMM shapes' rounding, LAYOUTS.md section 8)
+    # GEMM shapes' rounding, docs/layouts.md section 8)
     for g, want in zip(fused_tr(), split(), strict=True):
         err = (g.float() - want.float()).norm() / want.float().norm()
         assert g.shape == want.shape and err < 1e-2, (name, t, err.item())
