@@ -386,7 +386,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.tp == 1:
         bad = gpu.summarize(verify_gpu(lied, src, device=args.device, tp=1, tokens=args.tokens))
     else:
-        bad = verify_tp(lied, src, args.tp, args.device, tokens=args.tokens, max_layers=1)
+        bad = verify_tp(lied, src, args.tp, args.device, tokens=args.tokens,
+                        layers=["model.language_model.layers.0.linear_attn."])
     report["planted_wrong_record"] = bad
     print(f"planted wrong layout record caught: {not bad['passed']}", flush=True)
     ok &= not bad["passed"]

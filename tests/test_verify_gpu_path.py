@@ -44,3 +44,18 @@ def test_gpu_path_needs_the_source(source: Path, tmp_path: Path) -> None:
     convert(source, out, tp=2)
     (result,) = check_gpu(out, None, 2, "cpu")
     assert result.skipped and "--against" in result.detail
+
+
+def test_gpu_path_honours_layers_and_fails_a_broken_output(source: Path, tmp_path: Path) -> None:
+    """`verify --device --layers 1` runs layer 1 only; a truncated output shard is a failed
+    check naming the file, not an exception."""
+    out = tmp_path / "out"
+    convert(source, out, tp=2)
+    layer1 = "model.language_model.layers.1.linear_attn."
+    results = check_gpu(out, source, 2, "cpu", layers=[layer1])
+    assert [r.tensor for r in results] == ["model.language_model.layers.1.linear_attn"]
+    shard = next(p for p in sorted(out.glob("*.safetensors")))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    (result,) = check_gpu(out, source, 2, "cpu")
+    assert not result.ok and result.file and shard.name in result.file, result

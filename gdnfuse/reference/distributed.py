@@ -158,8 +158,12 @@ def load_split_layer(
     )  # fmt: skip
 
 
-def _select(model: FusedModel, max_layers: int | None) -> tuple[str, ...]:
-    return model.prefixes if max_layers is None else model.prefixes[:max_layers]
+def _select(model: FusedModel, layers: Sequence[str] | None) -> tuple[str, ...]:
+    """The GDN layer prefixes to run: all, or those named (``verify --layers``), in order."""
+    if layers is None:
+        return model.prefixes
+    wanted = set(layers)
+    return tuple(p for p in model.prefixes if p in wanted)
 
 
 def verify_gpu(
@@ -170,10 +174,10 @@ def verify_gpu(
     tp: int = 1,
     tokens: int = 64,
     seed: int = 0,
-    max_layers: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> list[gpu.GpuVerifyResult]:
-    """One device: every (or the first ``max_layers``) GDN layer, fused (``tp`` simulated ranks)
-    vs split in bf16, both vs float64. For ``gdnfuse verify --device cuda``."""
+    """One device: every GDN layer (or those whose prefixes ``layers`` names), fused (``tp``
+    simulated ranks) vs split in bf16, both vs float64. For ``gdnfuse verify --device cuda``."""
     ckpt, split = open_checkpoint(checkpoint_dir), open_checkpoint(against)
     model = describe_fused(ckpt)
     check_verify_tp(model, tp)
@@ -189,7 +193,7 @@ def verify_gpu(
             tokens=tokens,
             seed=seed,
         )  # fmt: skip
-        for prefix in _select(model, max_layers)
+        for prefix in _select(model, layers)
     ]
 
 
@@ -201,7 +205,7 @@ class _Job:
     device: str
     tokens: int
     seed: int
-    max_layers: int | None
+    layers: tuple[str, ...] | None
     init_method: str
     result_path: str
 
@@ -232,7 +236,7 @@ def _rank_main(rank: int, job: _Job) -> None:
         ops = gpu.pick_ops(dev)
         reader = SliceReader(model.root, model.files)
         results, rank_bytes = [], []
-        for prefix in _select(model, job.max_layers):
+        for prefix in _select(model, job.layers):
             before = reader.bytes_read
             qkvz, ba, w = load_rank(reader, model, prefix, job.tp, rank)
             rank_read = reader.bytes_read - before
@@ -290,7 +294,7 @@ def verify_tp(
     *,
     tokens: int = 64,
     seed: int = 0,
-    max_layers: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> dict:
     """``tp`` processes (one per GPU; gloo processes on CPU), NCCL all-reduce, rank 0 compares.
 
@@ -311,7 +315,8 @@ def verify_tp(
     os.environ.update(MULTICAST_OFF)  # children inherit it
     with tempfile.TemporaryDirectory(prefix="gdnfuse-tp-") as tmp:
         job = _Job(
-            str(checkpoint_dir), str(against), tp, device, tokens, seed, max_layers,
+            str(checkpoint_dir), str(against), tp, device, tokens, seed,
+            None if layers is None else tuple(layers),
             f"tcp://127.0.0.1:{_free_port()}", os.path.join(tmp, "result.json"),
         )  # fmt: skip
         mp.spawn(_rank_main, args=(job,), nprocs=tp, join=True)

@@ -175,7 +175,8 @@ def verify(
         spent = time.perf_counter() - started_numeric
         checks += [replace(c, seconds=spent) for c in numeric_checks]
         if device != "cpu":
-            checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device)
+            checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device,
+                                layers=selected)  # fmt: skip
     else:
         checks.append(skipped("numeric", "--no-numeric: reference forward not run"))
     if engine is not None:
@@ -278,7 +279,12 @@ def _need_torch(device: str) -> None:
 
 
 def check_gpu(
-    root: Path, against: str | os.PathLike[str] | None, tp: int, device: str
+    root: Path,
+    against: str | os.PathLike[str] | None,
+    tp: int,
+    device: str,
+    *,
+    layers: Iterable[str] | None = None,
 ) -> list[CheckResult]:
     """The engines' precision on the engines' hardware: bf16, fla/Triton kernels, real ranks.
 
@@ -300,11 +306,18 @@ def check_gpu(
 
     from gdnfuse.reference import distributed
 
+    chosen = None if layers is None else list(layers)
+    try:
+        open_fused_strictly = open_checkpoint(root)  # the GPU path reads the output's bytes
+        distributed.describe_fused(open_fused_strictly)
+    except GdnfuseError as e:  # a broken output is a failed check, not bad input
+        return [failed("numeric.gpu", f"cannot run the GPU path on the output: {e.reason}",
+                       file=e.path, tensor=e.tensor)]  # fmt: skip
     if tp > 1 and device == "cuda" and torch.cuda.device_count() >= tp:
-        report = distributed.verify_tp(root, against, tp, device)
+        report = distributed.verify_tp(root, against, tp, device, layers=chosen)
         lines = distributed.format_report(report)
         return [CheckResult(f"numeric.gpu.tp{tp}", bool(report["passed"]), "; ".join(lines))]
-    results = distributed.verify_gpu(root, against, device=device, tp=tp)
+    results = distributed.verify_gpu(root, against, device=device, tp=tp, layers=chosen)
     return [
         CheckResult(
             f"numeric.gpu.{r.layer}",
