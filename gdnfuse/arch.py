@@ -14,7 +14,6 @@ becomes which output tensors (:class:`Piece`), and the new config.json. The fusi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +21,7 @@ from typing import Any
 
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.model import FAMILIES, ModelInfo, TensorRef
+from gdnfuse.names import FUSED_EXPERTS, OTHER_EXPERT_TENSOR, VISUAL_PREFIX
 from gdnfuse.quant import IGNORE_LISTS
 from gdnfuse.safetensors_file import DTYPE_BYTES
 
@@ -47,13 +47,10 @@ class Arch(StrEnum):
 
 TARGET_MODEL_TYPE = "qwen3_next"
 TARGET_ARCHITECTURE = "Qwen3NextForCausalLM"
-VISUAL_PREFIX = "model.visual."
 KEPT_TOP_LEVEL = ("lm_head.", "mtp.")
 LAYER_KINDS = ("linear_attention", "full_attention")
 
 # Fused experts as transformers keeps them in memory (and some checkpoints on disk).
-_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
-_EXPERTS = re.compile(r"\.mlp\.experts\.(?!\d+\.(gate_proj|up_proj|down_proj)\.)")
 
 # Qwen3.5 defaults (transformers 5.24 configuration_qwen3_5*.py) for fields whose Qwen3-Next
 # default differs: a config that omits one of them must not silently take Qwen3-Next's value.
@@ -180,11 +177,11 @@ def plan_relabel(
                 path=ref.file,
                 tensor=name,
             )
-        m = _FUSED_EXPERTS.match(name)
+        m = FUSED_EXPERTS.match(name)
         if m:
-            pieces[name] = _split_experts(m["prefix"], m["kind"], ref, text, model, prefix)
+            pieces[name] = _split_experts(m["base"], m["kind"], ref, text, model, prefix)
             split_experts += 1
-        elif _EXPERTS.search(name):
+        elif OTHER_EXPERT_TENSOR.search(name):
             raise GdnfuseError(
                 "fused expert tensor other than gate_up_proj/down_proj (e.g. quantization "
                 "scales of fused experts) cannot be split per expert",

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import BA, FUSED_SOURCES, QKVZ, GdnDims
+from gdnfuse.names import DECODER_GDN_LAYER, FUSED_KEY, SPLIT_KEY
 from gdnfuse.record import STAMP_MODEL_TYPE
 from gdnfuse.safetensors_file import TensorInfo
 
@@ -37,9 +38,6 @@ SPLIT_SUFFIXES: dict[str, str] = {
 }
 FUSED_SUFFIXES: dict[str, str] = {"qkvz": "in_proj_qkvz", "ba": "in_proj_ba"}
 
-# ".linear_attn.in_proj_qkv.weight" but not "in_proj_qkvz": match the whole module name.
-_SPLIT_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<part>qkv|z|b|a)\.(?P<leaf>.+)$")
-_FUSED_KEY = re.compile(r"\.linear_attn\.in_proj_(qkvz|ba)\.")
 
 
 @dataclass(frozen=True)
@@ -153,11 +151,11 @@ class GdnGroup:
 
 
 def is_split_gdn_key(name: str) -> bool:
-    return _SPLIT_KEY.match(name) is not None
+    return SPLIT_KEY.match(name) is not None
 
 
 def is_fused_gdn_key(name: str) -> bool:
-    return _FUSED_KEY.search(name) is not None
+    return FUSED_KEY.match(name) is not None
 
 
 def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple[GdnGroup, ...]:
@@ -171,7 +169,7 @@ def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple
     found: dict[tuple[str, str, str], dict[str, TensorRef]] = {}
     layers: dict[str, dict[str, TensorRef]] = {}
     for name, ref in tensors.items():
-        m = _SPLIT_KEY.match(name)
+        m = SPLIT_KEY.match(name)
         if m:
             fused = QKVZ if m["part"] in FUSED_SOURCES[QKVZ] else BA
             found.setdefault((m["prefix"], fused, m["leaf"]), {})[m["part"]] = ref
@@ -215,7 +213,6 @@ def find_gdn_groups(tensors: Mapping[str, TensorRef], model: ModelInfo) -> tuple
     return tuple(groups)
 
 
-_DECODER_LAYER = re.compile(r"^(?!mtp\.).*\blayers\.(\d+)\.linear_attn\.$")
 
 
 def check_layer_types(
@@ -227,7 +224,7 @@ def check_layer_types(
     kinds = (fields or {}).get("layer_types")
     if not isinstance(kinds, list):
         return
-    have = {int(m[1]): g for g in groups if (m := _DECODER_LAYER.match(g.prefix))}
+    have = {int(m[1]): g for g in groups if (m := DECODER_GDN_LAYER.match(g.prefix))}
     for i, kind in enumerate(kinds):
         if (kind == "linear_attention") != (i in have):
             ref = next(iter(have[i].parts.values())) if i in have else None

@@ -8,16 +8,15 @@ since a packed int4 or per-group scheme would need its own row math.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.layout import BA, GdnDims
 from gdnfuse.model import GdnGroup, ModelInfo
+from gdnfuse.names import SPLIT_MODULE
 
 IGNORE_LISTS = ("modules_to_not_convert", "ignored_layers", "ignore")
-_SPLIT_MODULE = re.compile(r"in_proj_(qkv|z|b|a)(?=$|\.)")
 _FUSED_OF = {"qkv": "qkvz", "z": "qkvz", "b": "ba", "a": "ba"}
 
 
@@ -144,8 +143,8 @@ def fused_module_names(names: Iterable[Any]) -> list[Any]:
     out: list[Any] = []
     for name in names:
         out.append(name)
-        if isinstance(name, str) and _SPLIT_MODULE.search(name):
-            new = _SPLIT_MODULE.sub(lambda m: f"in_proj_{_FUSED_OF[m[1]]}", name)
+        if isinstance(name, str) and SPLIT_MODULE.search(name):
+            new = SPLIT_MODULE.sub(lambda m: f"in_proj_{_FUSED_OF[m[1]]}", name)
             if new not in out and new not in names:
                 out.append(new)
     return out

@@ -17,7 +17,6 @@ rule behind both: no output gdnfuse writes is one that any engine here misreads
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,6 +38,7 @@ from gdnfuse.engines.spec import (
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout
 from gdnfuse.model import FAMILIES
+from gdnfuse.names import FUSED_BA_MODULE, SPLIT_BA_MODULE
 from gdnfuse.quant import IGNORE_LISTS
 from gdnfuse.record import STAMP_MODEL_TYPE
 
@@ -69,8 +69,6 @@ ENGINES: tuple[EngineSpec, ...] = (
 )  # fmt: skip
 """Every engine gdnfuse knows, in the order tables list them."""
 
-_SPLIT_BA = re.compile(r"in_proj_[ba](?=$|\.)")
-_FUSED_BA = re.compile(r"in_proj_ba(?=$|\.)")
 
 
 def engine(name: str) -> EngineSpec:
@@ -99,9 +97,9 @@ def fp8_ignore_forms(config: Mapping[str, Any]) -> frozenset[str] | None:
     for q in quants:
         for key in IGNORE_LISTS:
             for name in (q or {}).get(key) or []:
-                if isinstance(name, str) and _SPLIT_BA.search(name):
+                if isinstance(name, str) and SPLIT_BA_MODULE.search(name):
                     forms.add("split")
-                if isinstance(name, str) and _FUSED_BA.search(name):
+                if isinstance(name, str) and FUSED_BA_MODULE.search(name):
                     forms.add("fused")
     return frozenset(forms)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from gdnfuse.checkpoint import Checkpoint, open_checkpoint
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
+from gdnfuse.names import FUSED_KEY
 from gdnfuse.record import RECORD_KEY, parse_record, unstamp_config
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
@@ -40,7 +40,6 @@ MULTICAST_OFF = {
 }
 """NVLink multicast can take a shared host's GPUs out of service; never enable it."""
 
-_QKVZ_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_qkvz\.weight$")
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
@@ -64,7 +63,8 @@ def describe_fused(ckpt: Checkpoint) -> FusedModel:
     if record is None:
         raise GdnfuseError(f"{why}: not a usable gdnfuse-fused checkpoint", path=str(ckpt.root))
     tensors = ckpt.tensors
-    prefixes = tuple(m["prefix"] for n in tensors if (m := _QKVZ_KEY.match(n)))
+    prefixes = tuple(m["prefix"] for n in tensors if (m := FUSED_KEY.match(n))
+                     and m["fused"] == "qkvz" and m["leaf"] == "weight")  # fmt: skip
     if not prefixes:
         raise GdnfuseError("no linear_attn.in_proj_qkvz.weight tensors", path=str(ckpt.root))
     for name, ref in tensors.items():

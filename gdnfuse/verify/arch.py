@@ -12,22 +12,20 @@ transformers' convention (``gate_up_proj[j] = [gate_proj; up_proj]`` along rows,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gdnfuse.arch import KEPT_TOP_LEVEL, TARGET_MODEL_TYPE, VISUAL_PREFIX, rope_of
+from gdnfuse.arch import KEPT_TOP_LEVEL, TARGET_MODEL_TYPE, rope_of
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint
 from gdnfuse.errors import GdnfuseError
 from gdnfuse.model import ModelInfo, TensorRef
+from gdnfuse.names import FUSED_EXPERTS, PER_EXPERT_GATE_UP, VISUAL_PREFIX
 from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import DTYPE_BYTES
 from gdnfuse.verify.report import CheckResult, failed, outcome, passed
 from gdnfuse.verify.structure import FusedCheckpoint
 
-FUSED_EXPERTS = re.compile(r"^(?P<base>.*\.mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
-PER_EXPERT = re.compile(r"^(?P<base>.*\.mlp\.experts\.\d+\.)(?P<kind>gate|up)_proj\.weight$")
 SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
@@ -125,7 +123,7 @@ def expected_tensors(
 
 
 def _sibling(name: str) -> tuple[str, int, str] | None:
-    m = PER_EXPERT.match(name)
+    m = PER_EXPERT_GATE_UP.match(name)
     if not m:
         return None
     other = "up" if m["kind"] == "gate" else "gate"

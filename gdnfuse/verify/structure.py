@@ -13,14 +13,13 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE, VISUAL_PREFIX
+from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, require_dir
 from gdnfuse.convert import MANIFEST_NAME
 from gdnfuse.errors import GdnfuseError
@@ -34,18 +33,18 @@ from gdnfuse.model import (
     is_split_gdn_key,
     natural_key,
 )
+from gdnfuse.names import (
+    CONV_KEY,
+    EXPERT_KEY,
+    FUSED_EXPERTS,
+    FUSED_KEY,
+    LAYER_NUMBER,
+    VISUAL_PREFIX,
+)
 from gdnfuse.quant import block_rows
 from gdnfuse.record import RECORD_KEY, STAMP_MODEL_TYPE, Record, parse_record, unstamp_config
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
 from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped, timed
-
-FUSED_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)in_proj_(?P<fused>qkvz|ba)\.(?P<leaf>.+)$")
-CONV_KEY = re.compile(r"^(?P<prefix>.*\.linear_attn\.)conv1d\.weight$")
-LAYER_NUMBER = re.compile(r"layers\.(\d+)\.linear_attn\.$")
-EXPERT_KEY = re.compile(
-    r"^(?P<base>.*\.mlp\.experts\.)(?:\d+\.(?:gate|up|down)_proj\.|gate_up_proj$|down_proj$)"
-)
-FUSED_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -485,7 +484,7 @@ def _qwen3_next_names(ck: FusedCheckpoint) -> list[CheckResult]:
     for tensor, ref in ck.tensors.items():
         if tensor.startswith(("model.language_model.", VISUAL_PREFIX)):
             why = "a Qwen3.5 name: Qwen3NextForCausalLM has no such module"
-        elif FUSED_EXPERT_KEY.search(tensor):
+        elif FUSED_EXPERTS.search(tensor):
             why = "fused experts: Qwen3-Next loaders read experts.N.{gate,up,down}_proj"
         else:
             continue
