@@ -586,20 +586,22 @@ def verify(
         str | None,
         typer.Option(
             "--engine",
-            help="Also load --against and the output in this engine and require the same "
-            "result: vllm (greedy tokens and top-k logprobs from fixed token prompts) or "
-            "sglang (every rank's parameters; loading only). The engine runs in "
-            "GDNFUSE_ENGINE_PYTHON or, if importable, this Python (pip install "
-            "'gdnfuse[vllm]'). --tp sets its tensor-parallel size.",
+            help="Also run --against and the output in this engine and require the same "
+            "result: vllm (greedy tokens and logits of 32+-token prompts), sglang (every "
+            "rank's parameters and buffers, RoPE tables included; loading only), transformers "
+            "or mlx (float32 logits). The engine runs in GDNFUSE_<ENGINE>_PYTHON, else "
+            "GDNFUSE_ENGINE_PYTHON, else this Python if it has it. --tp sets vLLM's and "
+            "sglang's tensor-parallel size. Exit 2 when the engine cannot load the source here.",
         ),
     ] = None,
 ) -> None:
-    """Prove a converted checkpoint right: structure, exact bytes, reference forward.
+    """Prove a converted checkpoint right: structure, exact bytes, reference forward, and
+    with --engine what the engine computes.
 
-    Structure of every shard, index and layout record; with --against, every byte against
-    the source (fused tensors un-fused by the recorded layout); a float64 reference forward
-    of each GDN layer, split vs fused per TP rank. Exit 0 when every check passed, 1 when
-    one failed, 2 for bad input.
+    Structure of every shard, index and layout record; with --against, the fused rows' order
+    found against the source and every byte compared (fused tensors un-fused); a float64
+    reference forward of each GDN layer, split vs fused per TP rank. Exit 0 when every check
+    passed, 1 when one failed, 2 for bad input or an engine that cannot load the source here.
     """
     from gdnfuse.verify import verify as run_verify
 

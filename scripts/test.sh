@@ -3,7 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/gdnfuse ] || bash scripts/setup.sh
-[ -x .venv-engines/bin/python ] || bash scripts/setup-engines.sh
+# vLLM, sglang and mlx-lm in .venv-engines, transformers 4.x in .venv-tf4 (each is run for real)
+if ! { [ -x .venv-tf4/bin/python ] && .venv-engines/bin/python -c "import vllm, sglang, mlx_lm" \
+       2>/dev/null; }; then
+  bash scripts/setup-engines.sh
+fi
 # The reflink tests loop-mount real XFS and btrfs filesystems (root; Debian's packages).
 if ! command -v mkfs.xfs >/dev/null || ! command -v mkfs.btrfs >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -22,10 +22,9 @@ from gdnfuse import loaders
 from gdnfuse.convert import convert
 from gdnfuse.engines import Outcome, run
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict = {"workers": 1}  # one writer: the tests run on 2 cores
 
 
 def _equal(ranks: list[dict], tp: int) -> None:
@@ -42,9 +41,9 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     src = build(root / "src", moe=True, r=2)
     made = {
         "src": src,
-        "sglang": convert(src, root / "sglang", engine="sglang", tp=2, options=OPTS).out,
-        "default": convert(src, root / "default", tp=2, options=OPTS).out,
-        "plain": convert(src, root / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out,
+        "sglang": convert(src, root / "sglang", engine="sglang", tp=2, **OPTS).out,
+        "default": convert(src, root / "default", tp=2, **OPTS).out,
+        "plain": convert(src, root / "plain", layout=Layout.TP_BLOCKED, **OPTS).out,
     }
     made["planted"] = plant_rows(made["sglang"], made["plain"], root / "planted")
     return made
@@ -74,15 +73,15 @@ def test_dense_r3_refused_with_tp2_plain_rows_and_controls(tmp_path: Path) -> No
     swapped-heads source loads different parameters."""
     src = build(tmp_path / "src", moe=False, r=3)
     with pytest.raises(GdnfuseError, match="serve the source"):
-        convert(src, tmp_path / "x", engine="sglang", tp=2, options=OPTS)
+        convert(src, tmp_path / "x", engine="sglang", tp=2, **OPTS)
     assert not (tmp_path / "x").exists()
-    plain = convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out
+    plain = convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, **OPTS).out
     never = unstamped(plain, tmp_path / "never-written")
     _equal(run.sglang_compare(src, never, tp=2, python=engine_python()), 2)
     assert loaders.verdicts(never)["sglang"].outcome is Outcome.LOADS
     assert loaders.verdicts(never)["transformers"].outcome is Outcome.MISREADS
-    arch = convert(src, tmp_path / "arch", arch="qwen3-next", options=OPTS).out
-    tpb = convert(src, tmp_path / "tpb", layout=Layout.TP_BLOCKED, tp=2, options=OPTS).out
+    arch = convert(src, tmp_path / "arch", arch="qwen3-next", **OPTS).out
+    tpb = convert(src, tmp_path / "tpb", layout=Layout.TP_BLOCKED, tp=2, **OPTS).out
     for path in (arch, tpb):
         ranks = run.sglang_compare(src, path, tp=1, python=engine_python())
         assert "refused" in ranks[0], (path.name, ranks)

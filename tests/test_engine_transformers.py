@@ -20,10 +20,9 @@ from transformers.utils import logging
 from gdnfuse import loaders
 from gdnfuse.convert import convert
 from gdnfuse.engines import Outcome
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict = {"workers": 1}  # one writer: the tests run on 2 cores
 
 
 @pytest.mark.parametrize("moe", [True, False])
@@ -33,14 +32,14 @@ def test_transformers_verdicts(tmp_path: Path, moe: bool) -> None:
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
     outs = {
-        "default": convert(src, tmp_path / "default", tp=2, options=OPTS).out,
-        "transformers": convert(src, tmp_path / "tf", engine="transformers", options=OPTS).out,
+        "default": convert(src, tmp_path / "default", tp=2, **OPTS).out,
+        "transformers": convert(src, tmp_path / "tf", engine="transformers", **OPTS).out,
         "never-written": unstamped(
-            convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out,
+            convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, **OPTS).out,
             tmp_path / "never-written"),
     }
     if moe:
-        outs["sglang"] = convert(src, tmp_path / "sglang", engine="sglang", options=OPTS).out
+        outs["sglang"] = convert(src, tmp_path / "sglang", engine="sglang", **OPTS).out
     for name, out in outs.items():
         verdict = loaders.verdicts(out)["transformers"].outcome
         try:

@@ -22,10 +22,9 @@ from gdnfuse.cli import app
 from gdnfuse.convert import convert
 from gdnfuse.engines import Outcome, run
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
 
-OPTS = ExecuteOptions(workers=1)
+OPTS: dict = {"workers": 1}  # one writer: the tests run on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +32,12 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-moe")
     src = build(root / "src", moe=True, r=2)
     made = {"src": src}
-    made["vllm"] = convert(src, root / "vllm", engine="vllm", tp=2, options=OPTS).out
-    made["default"] = convert(src, root / "default", tp=2, options=OPTS).out
+    made["vllm"] = convert(src, root / "vllm", engine="vllm", tp=2, **OPTS).out
+    made["default"] = convert(src, root / "default", tp=2, **OPTS).out
     made["tp-blocked"] = convert(src, root / "tpb", layout=Layout.TP_BLOCKED, tp=2,
-                                 options=OPTS).out  # fmt: skip
-    made["sglang"] = convert(src, root / "sglang", engine="sglang", tp=2, options=OPTS).out
-    plain = convert(src, root / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out
+                                 **OPTS).out  # fmt: skip
+    made["sglang"] = convert(src, root / "sglang", engine="sglang", tp=2, **OPTS).out
+    plain = convert(src, root / "plain", layout=Layout.TP_BLOCKED, **OPTS).out
     made["never-written"] = unstamped(plain, root / "never-written")  # Qwen3.5 names, plain
     made["planted"] = plant_rows(made["vllm"], plain, root / "planted")
     return made
@@ -71,7 +70,7 @@ def test_tp1_every_output_served_identically_or_refused(moe: dict[str, Path]) ->
 def test_tp2_engine_vllm_output_served_as_the_source(tmp_path: Path) -> None:
     """TP 2 (two worker processes, nk / T = 2), r = 3: the --engine vllm output."""
     src = build(tmp_path / "src", moe=True, r=3, seed=1)
-    out = convert(src, tmp_path / "out", engine="vllm", tp=2, options=OPTS).out
+    out = convert(src, tmp_path / "out", engine="vllm", tp=2, **OPTS).out
     res = run.vllm_generate([src, out], tp=2, prompts=run.prompts_for(512),
                             python=engine_python())  # fmt: skip
     cmp = run.compare_generations(res[str(src.resolve())], res[str(out.resolve())])
@@ -103,12 +102,12 @@ def test_dense_refused_by_gdnfuse_and_vllm(tmp_path: Path) -> None:
     Qwen3.5-named plain-rows layout gdnfuse does not write)."""
     src = build(tmp_path / "src", moe=False, r=3)
     with pytest.raises(GdnfuseError, match="serve the source"):
-        convert(src, tmp_path / "x", engine="vllm", options=OPTS)
+        convert(src, tmp_path / "x", engine="vllm", **OPTS)
     assert not (tmp_path / "x").exists()
-    plain = convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, options=OPTS).out
+    plain = convert(src, tmp_path / "plain", layout=Layout.TP_BLOCKED, **OPTS).out
     outs = {
-        "arch": convert(src, tmp_path / "arch", arch="qwen3-next", options=OPTS).out,
-        "default": convert(src, tmp_path / "default", tp=2, options=OPTS).out,
+        "arch": convert(src, tmp_path / "arch", arch="qwen3-next", **OPTS).out,
+        "default": convert(src, tmp_path / "default", tp=2, **OPTS).out,
         "never-written": unstamped(plain, tmp_path / "never-written"),
     }
     res = run.vllm_generate([src, *outs.values()], tp=1, prompts=run.prompts_for(512),
@@ -122,7 +121,7 @@ def test_dense_refused_by_gdnfuse_and_vllm(tmp_path: Path) -> None:
 
 def test_verify_engine_without_engine_is_one_line(tmp_path: Path) -> None:
     src = build(tmp_path / "src", moe=True, r=2)
-    out = convert(src, tmp_path / "out", engine="vllm", options=OPTS).out
+    out = convert(src, tmp_path / "out", engine="vllm", **OPTS).out
     args = ["verify", str(out), "--against", str(src), "--engine", "vllm"]
     res = CliRunner().invoke(app, args, env={"GDNFUSE_ENGINE_PYTHON": str(tmp_path / "no")})
     assert res.exit_code == 2

@@ -1,4 +1,4 @@
-"""mlx-lm: read from 0.32.2's model code; it needs Apple silicon, so it cannot run here."""
+"""mlx-lm: read from 0.32.2's model code and run here on mlx's Linux CPU build (mlx[cpu])."""
 
 from gdnfuse.arch import Arch
 from gdnfuse.engines.spec import GROUPED, EngineSpec, FamilyRule, Outcome, Target
@@ -6,8 +6,8 @@ from gdnfuse.engines.spec import GROUPED, EngineSpec, FamilyRule, Outcome, Targe
 SPEC = EngineSpec(
     name="mlx",
     label="mlx-lm",
-    version="0.32.2 (read)",
-    evidence="read",
+    version="0.32.2 (run, mlx[cpu] 0.32.4)",
+    evidence="run",
     families={
         "qwen3_5": FamilyRule(
             where="mlx_lm/models/qwen3_5.py: split modules only, strict load_weights",
@@ -21,8 +21,9 @@ SPEC = EngineSpec(
             # fails the strict shape check of mlx/nn/layers/base.py: Module.load_weights
             # against mlx's (C, K, 1), for every kernel size K > 1 (released models: 4).
             dense=Outcome.REFUSES,
-            dense_reason="Model.sanitize returns early without per-expert MoE tensors, so "
-            "conv1d keeps torch's axis order and the strict load's shape check raises",
+            dense_reason="its ModelArgs require the MoE fields, and Model.sanitize returns "
+            "early without per-expert MoE tensors (mtp.* kept, conv1d in torch's axis order): "
+            "the strict load raises",
             # mlx_lm/models/qwen3_next.py: ModelArgs requires rope_theta and
             # partial_rotary_factor (and intermediate_size) at the top level: TypeError
             rope_top_level=Outcome.REFUSES,

@@ -1,4 +1,5 @@
-"""Hugging Face transformers: read from 5.24's model classes and run by the tests."""
+"""Hugging Face transformers: read from 5.25's model classes and run by the tests (5.25, and
+4.57.6 for Qwen3-Next outputs: it has Qwen3-Next but not Qwen3.5)."""
 
 from gdnfuse.arch import Arch
 from gdnfuse.engines.spec import GROUPED, EngineSpec, FamilyRule, Outcome, Target
@@ -6,7 +7,7 @@ from gdnfuse.engines.spec import GROUPED, EngineSpec, FamilyRule, Outcome, Targe
 SPEC = EngineSpec(
     name="transformers",
     label="transformers",
-    version="5.24",
+    version="5.25 (run; 4.57.6 run on Qwen3-Next)",
     evidence="run",
     families={
         "qwen3_5": FamilyRule(

@@ -98,8 +98,9 @@ def verify(
     ``against``: the unconverted source, for the exact comparison and a source-based numeric
     check. ``tp``: the consumer's tensor-parallel size (default: the recorded one).
     ``layers``: layer numbers for the numeric check (default: every GDN layer).
-    ``engine``: also load source and output in that engine (``vllm``, ``sglang``) at ``tp``
-    (default 1) and require the same result (:mod:`gdnfuse.verify.engine`); needs ``against``.
+    ``engine``: also run source and output in that engine (``vllm``, ``sglang``,
+    ``transformers``, ``mlx``; vLLM and sglang at ``tp``, default 1) and require the same
+    result (:mod:`gdnfuse.verify.engine`); needs ``against``.
     ``progress(step, done, total)`` is told each step as it starts (the CLI shows a bar).
     """
     tell = progress or (lambda step, done, total: None)

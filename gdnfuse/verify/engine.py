@@ -55,7 +55,8 @@ def _config(root: Path) -> dict[str, Any]:
 
 
 def _vocab(config: Mapping[str, Any]) -> int:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nested = config.get("text_config")
+    text: Mapping[str, Any] = nested if isinstance(nested, dict) else config
     vocab = text.get("vocab_size") or config.get("vocab_size")
     return vocab if isinstance(vocab, int) and vocab > 0 else 1000
 

@@ -1,25 +1,36 @@
-"""Load two checkpoints with sglang's own loader on CPU, per TP rank; compare parameters.
+"""Load checkpoints with sglang's own loader on CPU, per TP rank; compare what they load.
 
-Run by :mod:`gdnfuse.engines.run` with the engine's own Python. With ``--tp N`` it starts N
-rank processes (gloo); each builds sglang's model for checkpoint A and for checkpoint B
-exactly as sglang's ModelRunner does on CPU (publish the runtime context, initialise the
-parallel groups, ModelConfig.from_server_args, adjust_config_with_unaligned_cpu_tp,
-model_loader.get_model) and compares every parameter of its rank. Equal parameters on every
-rank mean an equal forward. The fused GDN input projections are compared in the order the
-model's own forward reads them: each GDN module's ``fix_query_key_value_ordering`` (the
-function sglang's forward uses to split ``in_proj_qkvz``/``in_proj_ba`` outputs into q, k, v,
-z, b, a) is applied to row indices, and the rows are compared in that q, k, v, z / b, a
-order. For sglang's Qwen3.5 class that order is the identity; its Qwen3-Next class reads
-per-rank key-head groups, so a Qwen3-Next checkpoint compares equal to its split Qwen3.5
-source exactly when every row means the same thing on every rank. Loading only: sglang's
-CPU forward needs sgl_kernel, which has no CPU build on PyPI (import-time stand-ins for it
-must never be called; see stubs/).
+Run by :mod:`gdnfuse.engines.run` with the engine's own Python: ``A B [B ...]``. With
+``--tp N`` it starts N rank processes (gloo); each builds sglang's model for checkpoint A,
+then for each B, exactly as sglang's ModelRunner does on CPU (publish the runtime context,
+initialise the parallel groups, ModelConfig.from_server_args,
+adjust_config_with_unaligned_cpu_tp, model_loader.get_model), and compares every parameter
+*and buffer* of its rank (buffers: the rotary ``cos_sin_cache`` computed from the config's
+RoPE base and rotary fraction, the ``gemma_weight`` norms sglang derives at load), so a
+right checkpoint with a wrong config compares different. Equal parameters and buffers on
+every rank mean an equal forward.
+
+Names are sglang's own: its Qwen3.5 ConditionalGeneration classes keep the language model
+under ``model.`` as its Qwen3-Next class does, and the vision tower under ``visual.``; what
+only the source has there is counted (``source_only_vision``), as is the MRoPE axis map
+(``source_only_mrope``), and not reported as a difference; anything else on one side only
+is. The fused GDN input projections are compared in the order the model's own forward reads
+them: each GDN module's ``fix_query_key_value_ordering`` (the function sglang's forward uses
+to split ``in_proj_qkvz``/``in_proj_ba`` outputs into q, k, v, z, b, a) is applied to row
+indices, and the rows are compared in that q, k, v, z / b, a order. For sglang's Qwen3.5
+class that order is the identity; its Qwen3-Next class reads per-rank key-head groups, so a
+Qwen3-Next checkpoint compares equal to its split Qwen3.5 source exactly when every row
+means the same thing on every rank. Loading only: sglang's CPU forward needs sgl_kernel,
+which has no CPU build on PyPI (import-time stand-ins for it must never be called; see
+stubs/). A rank that dies inside sglang leaves a record of where (``a_refused`` when it was
+loading A).
 """
 
 import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 
 
@@ -87,11 +98,23 @@ def _row_order(module, rows_qkvz: int, rows_ba: int):
             for group in (parts[:4], parts[4:])]  # fmt: skip
 
 
-def _params(model) -> dict:
-    """Every parameter of ``model``; fused GDN projections' rows in forward-read order."""
+VISION = re.compile(r"^(?:model\.)?(?:visual|vision_tower|vision_model)\.")
+"""Where sglang's ConditionalGeneration classes keep the vision tower (0.5.23: ``visual.``)."""
+MROPE_ONLY = re.compile(r"\.rotary_emb\.axis_map$")
+"""The interleaved-MRoPE frequency -> position-axis map (sglang's MRotaryEmbedding): a VL
+source has it, a text-only model's plain RoPE does not. Text positions are equal on every
+axis, so it selects nothing there: not a difference in what either model computes."""
+
+
+def _state(model) -> dict:
+    """Every parameter and buffer of ``model`` (rotary ``cos_sin_cache``, MRoPE ``axis_map``,
+    the ``gemma_weight`` norms sglang derives at load), by sglang's name; fused GDN
+    projections' rows in forward-read order."""
     import torch
 
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    assert not set(out) & set(buffers), "a name is both a parameter and a buffer"
     for prefix, module in model.named_modules():
         if not hasattr(module, "fix_query_key_value_ordering"):
             continue
@@ -102,40 +125,87 @@ def _params(model) -> dict:
             assert sorted(order.tolist()) == list(range(w.shape[0])), (name, "not a permutation")
             # by bytes, so that any dtype (FP8 too) moves rows without arithmetic
             out[name] = w.view(torch.uint8)[order].view(w.dtype)
-    return out
+    return {"params": out, "buffers": buffers}
 
 
-def rank_main(a: str, b: str, tp: int, rank: int, port: int, out: str) -> None:
-    _stand_in_ops()
+def _difference(x, y) -> str | None:
     import torch
 
-    result: dict = {"rank": rank}
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return f"{list(x.shape)} {x.dtype} vs {list(y.shape)} {y.dtype}"
+    if torch.equal(x, y):
+        return None
+    if x.dtype.is_floating_point and x.element_size() == 1:  # FP8: compare bytes
+        return f"{int((x.view(torch.uint8) != y.view(torch.uint8)).sum())} bytes differ"
+    d = (x.double() - y.double()).abs().max().item()
+    return f"max abs difference {d:.3g}"
+
+
+def compare(ref: dict, got: dict) -> dict:
+    """``ref`` (the source) vs ``got``: counts, names on one side only, differences."""
+    result: dict = {"params": len(ref["params"]), "buffers": len(ref["buffers"])}
+    only_a, only_b, vision, mrope, diff = [], [], 0, [], {}
+    for kind in ("params", "buffers"):
+        a, b = ref[kind], got[kind]
+        for name in sorted(set(a) - set(b)):
+            if VISION.match(name):
+                vision += 1
+            elif kind == "buffers" and MROPE_ONLY.search(name):
+                mrope.append(name)
+            else:
+                only_a.append(name)
+        only_b += sorted(set(b) - set(a))
+        for name in sorted(set(a) & set(b)):
+            why = _difference(a[name], b[name])
+            if why is not None:
+                diff[name] = why
+    result.update(only_a=only_a, only_b=only_b, source_only_vision=vision,
+                  source_only_mrope=mrope, different=diff)  # fmt: skip
+    result["compared"] = len((set(ref["params"]) & set(got["params"])) |
+                             (set(ref["buffers"]) & set(got["buffers"])))  # fmt: skip
+    return result
+
+
+def rank_main(a: str, others: list, tp: int, rank: int, port: int, out: str) -> None:
+    """Load ``a`` then each of ``others`` on this rank; write the comparisons to ``out``.
+
+    ``out`` is rewritten after each step, so a rank that dies inside sglang (a crash, not an
+    exception) leaves behind how far it got: dying while loading ``a`` is ``a_refused``.
+    """
+    _stand_in_ops()
+
+    result: dict = {"rank": rank, "stage": "loading the source"}
+
+    def save() -> None:
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(out + ".tmp", out)
+
+    save()
     try:
         _init(tp, rank, port, a)
-        ref = _params(_load(a, tp, rank))
+        ref = _state(_load(a, tp, rank))
     except Exception as e:  # noqa: BLE001
         result["a_refused"] = f"{type(e).__name__}: {e}"
-        ref = None
-    if ref is not None:
-        result["params"] = len(ref)
+        result.pop("stage")
+        save()
+        return
+    result["params"] = len(ref["params"])
+    result["results"] = []
+    for b in others:
+        result["stage"] = f"loading {b}"
+        save()
+        one: dict = {"rank": rank, "params": len(ref["params"])}
         try:
-            got = _params(_load(b, tp, rank))
+            got = _state(_load(b, tp, rank))
         except Exception as e:  # noqa: BLE001 (a load failure is sglang refusing B)
-            result["refused"] = f"{type(e).__name__}: {e}"
+            one["refused"] = f"{type(e).__name__}: {e}"
         else:
-            result["only_a"] = sorted(set(ref) - set(got))
-            result["only_b"] = sorted(set(got) - set(ref))
-            diff = {}
-            for name in sorted(set(ref) & set(got)):
-                x, y = ref[name], got[name]
-                if x.shape != y.shape or x.dtype != y.dtype:
-                    diff[name] = f"{list(x.shape)} {x.dtype} vs {list(y.shape)} {y.dtype}"
-                elif not torch.equal(x, y):
-                    d = (x.float() - y.float()).abs().max().item()
-                    diff[name] = f"max abs difference {d:.3g}"
-            result["different"] = diff
-    with open(out, "w") as f:
-        json.dump(result, f)
+            one.update(compare(ref, got))
+            del got
+        result["results"].append(one)
+    result.pop("stage")
+    save()
 
 
 def main() -> None:
@@ -144,13 +214,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("a")
-    ap.add_argument("b")
+    ap.add_argument("others", nargs="+")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(args.tp):
         out = os.path.join(args.workdir, f"rank{rank}.json")
-        p = ctx.Process(target=rank_main, args=(args.a, args.b, args.tp, rank, args.port, out))
+        p = ctx.Process(target=rank_main,
+                        args=(args.a, args.others, args.tp, rank, args.port, out))  # fmt: skip
         p.start()
         procs.append((p, out))
     ranks = []
@@ -158,9 +229,18 @@ def main() -> None:
         p.join()
         try:
             with open(out) as f:
-                ranks.append(json.load(f))
-        except OSError:
-            ranks.append({"error": f"rank process exited with {p.exitcode} and no result"})
+                got = json.load(f)
+        except (OSError, ValueError):
+            got = {"error": f"rank process exited with {p.exitcode} and no result"}
+        if "stage" in got:  # died there
+            why = f"rank process exited with {p.exitcode} while {got.pop('stage')}"
+            if "results" not in got:
+                got["a_refused"] = why
+            else:
+                got["results"].append({"rank": got["rank"], "refused": why})
+                got["results"] += [{"rank": got["rank"], "error": why}] * (
+                    len(args.others) - len(got["results"]))
+        ranks.append(got)
     print("GDNFUSE-RESULT " + json.dumps(ranks), flush=True)
     sys.exit(0)
 
