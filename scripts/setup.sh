@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with gdnfuse, the CPU build of torch 2.13.0 (for verify and the tests; no CUDA
-# download) and the test extras. Needs Python 3.11 or newer.
+# download) and the test extras. Needs Python 3.11 or newer. pip's own output goes to a log
+# that is shown only if pip fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=""
@@ -10,11 +11,17 @@ for cand in python3.11 python3.12 python3.13 python3; do
   fi
 done
 [ -n "$PY" ] || { echo "setup: Python 3.11 or newer is required (found none on PATH)" >&2; exit 1; }
+LOG=$(mktemp -t gdnfuse-setup.XXXXXX.log)
+trap 'rm -f "$LOG"' EXIT
+pip_q() {
+  .venv/bin/python -m pip install -q "$@" >"$LOG" 2>&1 || {
+    echo "setup: pip install $* failed:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
+}
 echo "setup: creating .venv with $("$PY" --version)"
 "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+pip_q --upgrade pip
 echo "setup: installing torch 2.13.0, CPU build (.venv ends near 2.2 GB)"
-.venv/bin/python -m pip install -q "torch==2.13.0"
+pip_q "torch==2.13.0"
 echo "setup: installing gdnfuse (editable) with its test extras"
-.venv/bin/python -m pip install -q -e ".[test]"
+pip_q -e ".[test]"
 echo "setup: done; activate with: source .venv/bin/activate"
