@@ -130,8 +130,12 @@ def _value(key: str, value: Any) -> str:
 
 def _shown_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary as the table shows it: the engine verdicts have their own table."""
-    return {k: v for k, v in summary.items() if k not in ("engines", "loaded_by", "dry_run")
-            and not (k == "free_space_short_bytes" and not v)}  # fmt: skip
+    shown = {k: v for k, v in summary.items() if k not in ("engines", "loaded_by", "dry_run")
+             and not (k == "free_space_short_bytes" and not v)}  # fmt: skip
+    if "loaded_by" in summary:
+        shown["loaded_by"] = ", ".join(summary["loaded_by"]) or (
+            "no engine (stamped so that none misreads it; convert with --engine E)")
+    return shown
 
 
 def _summary_table(title: str, summary: dict[str, Any]) -> Table | Text:
@@ -681,15 +685,15 @@ def demo(
                                 ("fused-transformers", ["--engine", "transformers",
                                                         "--text-only"])):  # fmt: skip
                 dst = root / name
-                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} --tp {tp} "
-                               f"{' '.join(flags)} --overwrite", style="bold"),
+                shown = " ".join(["--tp", str(tp), *flags, "--overwrite"])
+                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {shown}", style="bold"),
                           soft_wrap=True)  # fmt: skip
                 kw = dict(zip(flags[0::2], flags[1::2], strict=False))
                 result = run_convert(src, dst, tp=tp, layout=kw.get("--layout"),
                                      engine=kw.get("--engine"), overwrite=True,
                                      text_only="--text-only" in flags)  # fmt: skip
-                out.print(_summary_table(f"converted {src.name} -> {dst.name}", result.summary()),
-                          soft_wrap=True)  # fmt: skip
+                out.print(_summary_table(f"converted {src.name} -> {dst.name}",
+                                         _shown_summary(result.summary())), soft_wrap=True)
                 out.print(Text(f"$ gdnfuse verify {dst} --against {src}", style="bold"),
                           soft_wrap=True)  # fmt: skip
                 status |= _demo_verify(dst, src, tp)
@@ -698,7 +702,8 @@ def demo(
         out.print("Next, on a real model (reads headers only):  gdnfuse inspect Qwen/Qwen3.5-27B",
                   soft_wrap=True)  # fmt: skip
         out.print("then:  gdnfuse convert Qwen/Qwen3.5-35B-A3B --out ./q35-vllm --engine vllm "
-                  "--tp 2", soft_wrap=True)  # fmt: skip
+                  "--text-only --tp 2   (or serve the source: vLLM and sglang fuse at load)",
+                  soft_wrap=True)  # fmt: skip
     finally:
         if keep or workdir:
             out.print(f"example files kept in {root}", soft_wrap=True)
