@@ -176,8 +176,8 @@ def verify(
         spent = time.perf_counter() - started_numeric
         checks += [replace(c, seconds=spent) for c in numeric_checks]
         if device != "cpu":
-            checks += check_gpu(ck.root, against, tp or (ck.record.tp if ck.record else 1), device,
-                                layers=selected)  # fmt: skip
+            gpu_tp = tp or (ck.record.tp if ck.record else 1)
+            checks += timed(lambda: check_gpu(ck.root, against, gpu_tp, device, layers=selected))
     else:
         checks.append(skipped("numeric", "--no-numeric: reference forward not run"))
     if engine is not None:
