@@ -179,8 +179,8 @@ def test_every_shard_says_format_pt(tmp_path: Path) -> None:
 @pytest.mark.parametrize("forms", [{"split"}, {"fused"}, {"split", "fused"}])
 def test_fp8_ignore_lists_are_matched_per_family(family: str, forms: set[str]) -> None:
     """vLLM and sglang map in_proj_ba to its split shards in their Qwen3.5 classes only; their
-    Qwen3-Next classes match the fused name (read from packed_modules_mapping; sglang's real
-    loader on FP8 needs AMX, which this machine lacks). So an FP8 Qwen3-Next checkpoint that
+    Qwen3-Next classes match the fused name (packed_modules_mapping; sglang's real loader runs
+    these cases in test_engine_sglang_fp8.py). So an FP8 Qwen3-Next checkpoint that
     lists only in_proj_b/in_proj_a is refused (block-size error) and one listing in_proj_ba
     loads; the reverse for Qwen3.5 names; gdnfuse writes both forms."""
     from gdnfuse.engines import GROUPED, PLAIN, Facts, judge_all

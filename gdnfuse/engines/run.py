@@ -254,25 +254,32 @@ def vllm_generate(
 
 def sglang_compare(
     a: str | os.PathLike[str], b: str | os.PathLike[str], *, tp: int = 1,
-    python: str | None = None,
+    python: str | None = None, fp8_loader_only: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Per rank: sglang's parameters and buffers from ``a`` vs from ``b`` (see
     harness/sglang_params.py)."""
-    return sglang_compare_many(a, [b], tp=tp, python=python)[str(Path(b).resolve())]
+    many = sglang_compare_many(a, [b], tp=tp, python=python, fp8_loader_only=fp8_loader_only)
+    return many[str(Path(b).resolve())]
 
 
 def sglang_compare_many(
     a: str | os.PathLike[str], others: Sequence[str | os.PathLike[str]], *, tp: int = 1,
-    python: str | None = None,
+    python: str | None = None, fp8_loader_only: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """:func:`sglang_compare` of ``a`` with each of ``others``, in one harness run (sglang
-    loads ``a`` once per rank): ``{resolved path of b: ranks}``."""
+    loads ``a`` once per rank): ``{resolved path of b: ranks}``.
+
+    ``fp8_loader_only``: FP8 checkpoints on a CPU without AMX; sglang's own construction,
+    FP8 ignore-list matching and weight loading run, only its AMX repacking of the loaded FP8
+    weights is skipped, and the raw loaded FP8 weights and scales are compared (the
+    harness's ``--fp8-loader-only``). Each rank then reports ``fp8_bypassed``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = [str(Path(b).resolve()) for b in others]
+    flags = ["--fp8-loader-only"] if fp8_loader_only else []
     run = _run("sglang", "sglang_params.py",
-               ["--tp", str(tp), "--port", str(port), "--workdir", "{workdir}",
+               ["--tp", str(tp), "--port", str(port), "--workdir", "{workdir}", *flags,
                 str(Path(a).resolve()), *paths], tp, python)  # fmt: skip
     ranks = list(run.result)
     return {b: [r["results"][i] if "results" in r else r for r in ranks]

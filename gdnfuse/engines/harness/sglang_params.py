@@ -24,6 +24,26 @@ means the same thing on every rank. Loading only: sglang's CPU forward needs sgl
 which has no CPU build on PyPI (import-time stand-ins for it must never be called; see
 stubs/). A rank that dies inside sglang leaves a record of where (``a_refused`` when it was
 loading A).
+
+``--fp8-loader-only`` (opt-in; FP8 block-quantized checkpoints on a CPU without AMX):
+sglang 0.5.23's CPU FP8 path asserts AMX support only in the quantization methods'
+``process_weights_after_loading`` (srt/layers/quantization/fp8.py: Fp8LinearMethod's
+``process_weights_after_loading_block_quant`` / ``process_weights_after_loading`` and
+Fp8MoEMethod's ``process_weights_after_loading_block_quant``), which sglang's loader calls
+after every weight is loaded, to repack the FP8 weights into AMX kernel tiles
+(``_amx_process_weight_after_loading`` -> sgl_kernel's ``convert_weight_packed``, which has
+no CPU build here). This flag replaces exactly those two ``process_weights_after_loading``
+methods with one that leaves the parameters as loaded (and counts its calls:
+``fp8_bypassed``). Everything the FP8 ignore-list rule is made of runs as sglang's own code
+before that point: model construction, where ``Fp8Config.get_quant_method`` decides per
+module with ``is_layer_skipped(prefix, ignored_layers, packed_modules_mapping)`` between
+``UnquantizedLinearMethod`` and ``Fp8LinearMethod``, whose ``create_weights`` checks the
+block sizes (``validate_block_quant_shapes`` raises for a quantized ``in_proj_ba``); then
+``load_weights`` with the models' own weight loaders. The AMX capability flag itself is not
+touched: it also selects loader paths (qwen3_next.py's packed loader pads on AMX CPUs).
+What is compared is then the raw checkpoint data per rank: FP8 weights (bytes), their
+``weight_scale_inv`` and the bf16 tensors; block scales of the fused GDN projections are
+compared per row (each row's block scale, in the same forward-read order as the rows).
 """
 
 import argparse
@@ -47,6 +67,22 @@ def _stand_in_ops() -> None:
             raise AttributeError(attr)
 
     torch.ops.sgl_kernel = Namespace()
+
+
+FP8_BYPASSED = [0]
+"""Calls of the bypassed ``process_weights_after_loading`` (``--fp8-loader-only``)."""
+
+
+def _fp8_loader_only() -> None:
+    """Keep FP8 parameters as sglang loaded them: skip only the AMX weight repacking (see
+    the module docstring). Construction, ignore-list matching and loading stay sglang's."""
+    from sglang.srt.layers.quantization import fp8
+
+    def keep_as_loaded(self, layer) -> None:  # noqa: ANN001
+        FP8_BYPASSED[0] += 1
+
+    fp8.Fp8LinearMethod.process_weights_after_loading = keep_as_loaded
+    fp8.Fp8MoEMethod.process_weights_after_loading = keep_as_loaded
 
 
 def _load(path: str, tp: int, rank: int):
@@ -125,6 +161,11 @@ def _state(model) -> dict:
             assert sorted(order.tolist()) == list(range(w.shape[0])), (name, "not a permutation")
             # by bytes, so that any dtype (FP8 too) moves rows without arithmetic
             out[name] = w.view(torch.uint8)[order].view(w.dtype)
+            scale = name + "_scale_inv"  # block FP8: each row's block scale, rows reordered
+            if scale in out:
+                s = out[scale]
+                block = -(-w.shape[0] // s.shape[0])
+                out[scale] = s.repeat_interleave(block, 0)[: w.shape[0]][order]
     return {"params": out, "buffers": buffers}
 
 
@@ -166,13 +207,16 @@ def compare(ref: dict, got: dict) -> dict:
     return result
 
 
-def rank_main(a: str, others: list, tp: int, rank: int, port: int, out: str) -> None:
+def rank_main(a: str, others: list, tp: int, rank: int, port: int, out: str,
+              fp8_loader_only: bool = False) -> None:  # fmt: skip
     """Load ``a`` then each of ``others`` on this rank; write the comparisons to ``out``.
 
     ``out`` is rewritten after each step, so a rank that dies inside sglang (a crash, not an
     exception) leaves behind how far it got: dying while loading ``a`` is ``a_refused``.
     """
     _stand_in_ops()
+    if fp8_loader_only:
+        _fp8_loader_only()
 
     result: dict = {"rank": rank, "stage": "loading the source"}
 
@@ -184,6 +228,7 @@ def rank_main(a: str, others: list, tp: int, rank: int, port: int, out: str) -> 
     save()
     try:
         _init(tp, rank, port, a)
+        FP8_BYPASSED[0] = 0
         ref = _state(_load(a, tp, rank))
     except Exception as e:  # noqa: BLE001
         result["a_refused"] = f"{type(e).__name__}: {e}"
@@ -191,17 +236,22 @@ def rank_main(a: str, others: list, tp: int, rank: int, port: int, out: str) -> 
         save()
         return
     result["params"] = len(ref["params"])
+    if fp8_loader_only:
+        result["fp8_bypassed"] = FP8_BYPASSED[0]
     result["results"] = []
     for b in others:
         result["stage"] = f"loading {b}"
         save()
         one: dict = {"rank": rank, "params": len(ref["params"])}
         try:
+            FP8_BYPASSED[0] = 0
             got = _state(_load(b, tp, rank))
         except Exception as e:  # noqa: BLE001 (a load failure is sglang refusing B)
             one["refused"] = f"{type(e).__name__}: {e}"
         else:
             one.update(compare(ref, got))
+            if fp8_loader_only:
+                one["fp8_bypassed"] = FP8_BYPASSED[0]
             del got
         result["results"].append(one)
     result.pop("stage")
@@ -213,6 +263,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--fp8-loader-only", action="store_true",
+                    help="keep FP8 weights as loaded: skip only the AMX repacking")  # fmt: skip
     ap.add_argument("a")
     ap.add_argument("others", nargs="+")
     args = ap.parse_args()
@@ -221,7 +273,8 @@ def main() -> None:
     for rank in range(args.tp):
         out = os.path.join(args.workdir, f"rank{rank}.json")
         p = ctx.Process(target=rank_main,
-                        args=(args.a, args.others, args.tp, rank, args.port, out))  # fmt: skip
+                        args=(args.a, args.others, args.tp, rank, args.port, out,
+                              args.fp8_loader_only))  # fmt: skip
         p.start()
         procs.append((p, out))
     ranks = []
