@@ -331,10 +331,10 @@ def run(
         }
         return [OutputFile(MANIFEST_NAME, (json.dumps(body, indent=2) + "\n").encode())]
 
-    if fetch is not None:
-        fetch.start(cplan.plan)
     free_before = _free_bytes(out_path)
     try:
+        if fetch is not None:  # inside: a Ctrl-C at any point stops the downloads
+            fetch.start(cplan.plan)
         files = execute(cplan.plan, out_path, options, progress, before_last=manifest,
                         stale=[MANIFEST_NAME, *stale],
                         wait_for=fetch.wait_for if fetch else None, sources=identity,

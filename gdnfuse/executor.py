@@ -39,7 +39,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -465,19 +465,25 @@ def _run_parallel(
 ) -> list[FileResult]:
     """Largest files first across ``workers`` threads (copy calls release the GIL)."""
     ordered = sorted(files, key=lambda f: -f.size)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fn, f) for f in ordered]
-        try:
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for fut in finished:
-                if fut.exception() is not None:
-                    raise fut.exception()  # type: ignore[misc]
-        except BaseException:
-            cancel.set()
-            for fut in futures:
-                fut.cancel()
-            wait(futures)
-            raise
+    # Not a `with` block: its exit waits for the workers before an `except` could cancel
+    # them, so a Ctrl-C landing while the files are submitted would wait for every worker
+    # to finish (on a Hub source: for the downloads). Cancel first, then wait.
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    futures: list[Future[FileResult]] = []
+    try:
+        for f in ordered:
+            futures.append(pool.submit(fn, f))
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in finished:
+            if fut.exception() is not None:
+                raise fut.exception()  # type: ignore[misc]
+    except BaseException:
+        cancel.set()
+        for fut in futures:
+            fut.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return [fut.result() for fut in futures]
 
 
