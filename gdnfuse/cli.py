@@ -17,21 +17,27 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
 from gdnfuse.errors import GdnfuseError, Interrupted
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.layout import Layout
+from gdnfuse.render import (
+    engine_table,
+    err,
+    human,
+    out,
+    progress,
+    shown,
+    shown_summary,
+    steps,
+    summary_table,
+    warn_misreaders,
+    warn_skipped,
+    warn_text_only,
+    warn_unservable,
+)
 
 app = typer.Typer(
     help="Fuse Qwen3.5 Gated DeltaNet input projections (in_proj_qkv/z/b/a -> in_proj_qkvz/ba) "
@@ -42,8 +48,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
 
 LayoutOpt = Annotated[
     Layout | None,
@@ -94,59 +98,6 @@ def _errors():
         raise _fail(e) from None
     except KeyboardInterrupt:  # e.g. during a download, before anything was written
         raise _fail("interrupted") from None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-_NOTES = {
-    "bytes_clonable": "; shared with the source instead of written, if the filesystem clones "
-    "(XFS, btrfs, OpenZFS; not ext4)",
-    "bytes_allocated": "; the output filesystem's free space before minus after (other "
-    "writers on it count too)",
-    "free_space_short_bytes": "; more than the output's filesystem has free",
-}
-"""What a summary number means, where a bare number misleads."""
-
-
-def _value(key: str, value: Any) -> str:
-    """A summary value as a person reads it: sizes in units, dims as k=v, lists shortened."""
-    if key.startswith("bytes_") or key == "total_size" or key == "free_space_short_bytes":
-        note = _NOTES.get(key, "")
-        return f"{_human(value)} ({value:,} B){note}"
-    if key == "layers":
-        return f"{len(value)} ({value[0]} ... {value[-1]})" if value else "0"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, list):
-        return ", ".join(_shown(str(v)) for v in value)
-    return _shown(str(value))
-
-
-def _shown_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary as the table shows it: the engine verdicts have their own table."""
-    shown = {k: v for k, v in summary.items() if k not in ("engines", "loaded_by", "dry_run")
-             and not (k == "free_space_short_bytes" and not v)}  # fmt: skip
-    if "loaded_by" in summary:
-        shown["loaded_by"] = ", ".join(summary["loaded_by"]) or (
-            "no engine (stamped so that none misreads it; convert with --engine E)")
-    return shown
-
-
-def _summary_table(title: str, summary: dict[str, Any]) -> Table | Text:
-    """A two-column table on a terminal; one ``key: value`` line each elsewhere (CI logs)."""
-    if not out.is_terminal:
-        lines = [title, *(f"  {k}: {_value(k, v)}" for k, v in summary.items())]
-        return Text("\n".join(lines))
-    table = Table(title=Text(title), show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, Text(_value(key, value)))
-    return table
 
 
 def _resolve(source: str, revision: str | None, cache_dir: Path | None, token: str | None,
@@ -254,8 +205,8 @@ def inspect(
         return
     rest = {k: v for k, v in summary.items() if k != "engines"}
     if rest:
-        out.print(_summary_table(f"gdnfuse inspect {source}", rest), soft_wrap=True)
-    out.print(_engine_table(f"engines loading {source} as it is", found), soft_wrap=True)
+        out.print(summary_table(f"gdnfuse inspect {source}", rest), soft_wrap=True)
+    out.print(engine_table(f"engines loading {source} as it is", found), soft_wrap=True)
     if cannot is not None:
         err.print(Text.assemble(("note: ", "bold yellow"), f"cannot convert: {cannot}"),
                   soft_wrap=True)  # fmt: skip
@@ -274,23 +225,6 @@ def _rows_found(path: Path, against: Path) -> tuple[Any, str]:
         tried = ", ".join(layout_name(*c) for c in candidate_layouts(ck.model.dims))
         return NO_KNOWN_ORDER, f"none of {tried}: found against {against}"
     return Rows(*found), f"{layout_name(*found)}: found against {against}"
-
-
-def _engine_table(title: str, found: dict[str, dict[str, str]]) -> Text:
-    """Per engine, one plain line (never wrapped into cells, readable in a CI log): verdict,
-    engine, version and evidence, why; for a source also what ``--engine`` would write."""
-    style = {"loads": "green", "refuses": "yellow", "misreads": "bold red", "unknown": "red"}
-    text = Text(f"{title} (run: tested against the real engine here; read: from its code)\n")
-    width = max(len(f"{e['engine']} ({n})") for n, e in found.items())
-    for name, e in found.items():
-        text.append(f"  {e['outcome'].upper():9}", style=style.get(e["outcome"], ""))
-        text.append(f"{e['engine'] + ' (' + name + ')':{width}}  [{e['version']}; "
-                    f"{e['evidence']}]  {e['reason']}\n")  # fmt: skip
-        if "convert_engine_writes" in e:
-            text.append(f"  {'':9}{'':{width}}  convert --engine {name}: "
-                        f"{e['convert_engine_writes']}\n")  # fmt: skip
-    text.rstrip()
-    return text
 
 
 @app.command()
@@ -386,7 +320,7 @@ def convert(
                 print(json.dumps({**summary, "record": cplan.record,
                                   "files": cplan.plan.to_json()}))  # fmt: skip
             elif not quiet:
-                out.print(_summary_table(f"plan for {out_dir} (dry run)", _shown_summary(summary)),
+                out.print(summary_table(f"plan for {out_dir} (dry run)", shown_summary(summary)),
                           soft_wrap=True)  # fmt: skip
                 table = Table("output file", "size", "how")
                 for f in cplan.plan.files:
@@ -394,20 +328,20 @@ def convert(
                     if f.how == "rewrite":
                         n = len(f.extents)
                         how = f"rewrite (from {n} source byte range{'s' if n != 1 else ''})"
-                    table.add_row(Text(_shown(f.name)), _human(f.size), how)
+                    table.add_row(Text(shown(f.name)), human(f.size), how)
                 out.print(table)
-                out.print(_engine_table(f"engines loading {out_dir} once written", found),
+                out.print(engine_table(f"engines loading {out_dir} once written", found),
                           soft_wrap=True)
             if short:
                 err.print(Text.assemble(("warning: ", "bold yellow"),
                                         f"not enough free space for this plan at {out_dir}: "
-                                        f"{_human(short)} more needed"),
+                                        f"{human(short)} more needed"),
                           soft_wrap=True)  # fmt: skip
             if not json_out:
-                _warn_text_only(summary)
+                warn_text_only(summary)
             return
         show = not quiet and not json_out and err.is_terminal
-        with _progress(show) as (set_total, advance), _sigterm_interrupts():
+        with progress(show) as (set_total, advance), _sigterm_interrupts():
             try:
                 result = run_conversion(
                     path, out_dir, options, layout=layout, tp=tp,
@@ -435,61 +369,13 @@ def convert(
     if json_out:
         print(json.dumps(summary))
     elif not quiet:
-        out.print(_summary_table(f"converted {source} -> {out_dir}", _shown_summary(summary)),
+        out.print(summary_table(f"converted {source} -> {out_dir}", shown_summary(summary)),
                   soft_wrap=True)  # fmt: skip
-        out.print(_engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
-    _warn_skipped(result.summary())
-    _warn_text_only(result.summary())
-    _warn_misreaders(found)
-    _warn_unservable(loaded_by)
-
-
-def _warn_unservable(loaded_by: list[str]) -> None:
-    """One line when no engine gdnfuse knows loads the output as it is (the stamped default)."""
-    if not loaded_by:
-        err.print(Text.assemble(("note: ", "bold yellow"),
-                                "no engine loads this output as it is (stamped so that none "
-                                "misreads it); to serve it, convert with --engine E (see "
-                                "`gdnfuse inspect SOURCE`). vLLM and sglang serve the split "
-                                "source as it is: they fuse at load"), soft_wrap=True)  # fmt: skip
-
-
-def _warn_text_only(summary: dict[str, Any]) -> None:
-    """One line when the output leaves the source's vision tower out (``--text-only``)."""
-    arch = summary.get("arch") or {}
-    if arch.get("dropped_tensors"):
-        files = arch.get("dropped_files") or []
-        err.print(Text.assemble(("note: ", "bold yellow"),
-                                f"text-only output: the vision tower ({arch['dropped_tensors']} "
-                                f"tensors, {_human(arch.get('dropped_bytes', 0))})"
-                                + (f" and {', '.join(files)}" if files else "")
-                                + " are left out (--text-only); to serve images, serve the "
-                                "source"), soft_wrap=True)  # fmt: skip
-
-
-def _warn_skipped(summary: dict[str, Any]) -> None:
-    """One stderr line for source files that were never read (FIFOs, sockets, devices)."""
-    odd = summary.get("not_regular_files")
-    if odd:
-        names = ", ".join(_shown(n) for n in odd[:5]) + (" ..." if len(odd) > 5 else "")
-        err.print(Text.assemble(("warning: ", "bold yellow"),
-                                f"skipped {len(odd)} source file(s) that are not regular files "
-                                f"(not a regular file: {names})"), soft_wrap=True)  # fmt: skip
-
-
-def _shown(name: str) -> str:
-    """A file name printable on any terminal (non-UTF-8 bytes as \\x escapes)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _warn_misreaders(found: dict[str, dict[str, str]]) -> None:
-    """One stderr line when some engine would load the output and compute something else."""
-    bad = [e["engine"] for e in found.values() if e["outcome"] == "misreads"]
-    if bad:
-        err.print(Text.assemble(("warning: ", "bold yellow"),
-                                f"{', '.join(bad)} would load this output with misread weights "
-                                "(no engine reads the layout record); serve it only with the "
-                                "engines listed as loading it"), soft_wrap=True)  # fmt: skip
+        out.print(engine_table(f"engines loading {out_dir}", found), soft_wrap=True)
+    warn_skipped(result.summary())
+    warn_text_only(result.summary())
+    warn_misreaders(found)
+    warn_unservable(loaded_by)
 
 
 @contextmanager
@@ -508,38 +394,6 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _steps(show: bool):
-    """verify's steps as a bar with the current step's name, on a terminal only."""
-    if not show:
-        yield None
-        return
-    bar = Progress("[progress.description]{task.description}", BarColumn(),
-                   "{task.fields[steps]}", TimeElapsedColumn(), console=err,
-                   transient=True)  # fmt: skip
-    task = bar.add_task("opening the checkpoint", total=None, steps="")
-    with bar:
-        yield lambda name, done, total: bar.update(task, description=name, completed=done,
-                                                   total=total,
-                                                   steps=f"step {done + 1} of {total}")  # fmt: skip
-
-
-@contextmanager
-def _progress(show: bool, what: str = "converting"):
-    """A byte progress bar with throughput and ETA on a terminal; nothing otherwise. Yields
-    ``(set_total, advance)``; ``advance`` is None when nothing is shown."""
-    if not show:
-        yield (lambda total: None), None
-        return
-    bar = Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
-    )  # fmt: skip
-    task = bar.add_task(what, total=None)
-    with bar:
-        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 
 
 @app.command()
@@ -611,7 +465,7 @@ def verify(
 
     with _errors():
         numbers = _layer_numbers(layers) if layers is not None else None
-        with _steps(err.is_terminal and not quiet and not json_out) as step:
+        with steps(err.is_terminal and not quiet and not json_out) as step:
             report = run_verify(checkpoint, against=against, tp=tp, layers=numbers,
                                 numeric=numeric, device=device, engine=engine,
                                 progress=step)  # fmt: skip
@@ -685,15 +539,15 @@ def demo(
                                 ("fused-transformers", ["--engine", "transformers",
                                                         "--text-only"])):  # fmt: skip
                 dst = root / name
-                shown = " ".join(["--tp", str(tp), *flags, "--overwrite"])
-                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {shown}", style="bold"),
+                given = " ".join(["--tp", str(tp), *flags, "--overwrite"])
+                out.print(Text(f"\n$ gdnfuse convert {src} --out {dst} {given}", style="bold"),
                           soft_wrap=True)  # fmt: skip
                 kw = dict(zip(flags[0::2], flags[1::2], strict=False))
                 result = run_convert(src, dst, tp=tp, layout=kw.get("--layout"),
                                      engine=kw.get("--engine"), overwrite=True,
                                      text_only="--text-only" in flags)  # fmt: skip
-                out.print(_summary_table(f"converted {src.name} -> {dst.name}",
-                                         _shown_summary(result.summary())), soft_wrap=True)
+                out.print(summary_table(f"converted {src.name} -> {dst.name}",
+                                         shown_summary(result.summary())), soft_wrap=True)
                 out.print(Text(f"$ gdnfuse verify {dst} --against {src}", style="bold"),
                           soft_wrap=True)  # fmt: skip
                 status |= _demo_verify(dst, src, tp)
@@ -775,11 +629,11 @@ def synth(
         shape = replace(PRESETS[preset], layers=layers or PRESETS[preset].layers,
                         vocab=vocab or PRESETS[preset].vocab)  # fmt: skip
         total, emb = checkpoint_bytes(shape, dtype), embedding_bytes(shape, dtype)
-        note = (f"; embeddings and lm_head are {_human(emb)} of it (--vocab makes them smaller)"
+        note = (f"; embeddings and lm_head are {human(emb)} of it (--vocab makes them smaller)"
                 if emb > total / 3 else "")  # fmt: skip
-        err.print(f"writing {_human(total)} ({preset}, {shape.layers} layers, vocabulary "
+        err.print(f"writing {human(total)} ({preset}, {shape.layers} layers, vocabulary "
                   f"{shape.vocab}){note}", soft_wrap=True)  # fmt: skip
-        with _progress(err.is_terminal, "writing") as (set_total, advance):
+        with progress(err.is_terminal, "writing") as (set_total, advance):
             set_total(total)
             done = [0]
 
@@ -791,7 +645,7 @@ def synth(
             path = write_checkpoint(out_dir, shape, dtype=dtype, seed=seed,
                                     shard_bytes=shard_bytes, fast=True, progress=wrote)  # fmt: skip
     written = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    out.print(f"wrote {_human(written)} ({preset}, {shape.layers} layers) to {path}",
+    out.print(f"wrote {human(written)} ({preset}, {shape.layers} layers) to {path}",
               soft_wrap=True)  # fmt: skip
 
 
