@@ -164,6 +164,9 @@ def inspect(
         facts = loaders.read_facts(path)
         summary: dict[str, Any] = {}
         if against is not None and facts.fused:
+            if record is not None:
+                raise GdnfuseError("--against reads the fused rows' bytes: download the repo "
+                                   "(or convert it) and inspect the local folder")  # fmt: skip
             rows, summary["rows"] = _rows_found(path, against)
             facts = loaders.read_facts(path, rows=rows)
         writes: dict[str, str] = {}
@@ -175,8 +178,8 @@ def inspect(
             except GdnfuseError as e:
                 try:  # the options are wrong (exit 2), or no conversion of it is possible
                     plan_source(path, record_source=record)
-                except GdnfuseError:  # readable, not convertible: the verdicts still stand
-                    cannot = e.for_cli()
+                except GdnfuseError as why:  # readable, not convertible: the verdicts stand
+                    cannot = why.for_cli()
                     summary = {"convert": f"cannot convert: {cannot}"}
                 else:
                     raise e from None
@@ -221,6 +224,8 @@ def _rows_found(path: Path, against: Path) -> tuple[Any, str]:
 
     ck = open_fused(path)
     found = detect_layout(ck, open_checkpoint(against))
+    if isinstance(found, str):
+        raise GdnfuseError(found, path=str(path))
     if found is None:
         tried = ", ".join(layout_name(*c) for c in candidate_layouts(ck.model.dims))
         return NO_KNOWN_ORDER, f"none of {tried}: found against {against}"

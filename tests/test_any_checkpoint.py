@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from gdnfuse.convert import convert
 from gdnfuse.layout import Layout
+from gdnfuse.safetensors_file import read_header
 from gdnfuse.verify import verify
 
 OPTS: dict[str, Any] = {"workers": 1}
@@ -146,3 +147,70 @@ def test_inspect_gives_verdicts_for_what_it_cannot_convert(
         assert "LOADS" in proc.stdout or "REFUSES" in proc.stdout, proc.stdout
         shown = json.loads(run_cli("inspect", path, "--json").stdout)
         assert shown["convert"].startswith("cannot convert") and len(shown["engines"]) == 6
+
+
+def test_a_broken_record_fails_even_with_the_source(made: dict[str, Path], tmp_path: Path) -> None:
+    """Finding the rows against the source never hides a record that is there but unusable."""
+    out = convert(made["src"], tmp_path / "o", tp=2, workers=1).out
+    config = json.loads((out / "config.json").read_text())
+    config["gdnfuse"]["tp"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "gdnfuse-manifest.json").unlink()
+    report = verify(out, against=made["src"], numeric=False)
+    assert not report.ok
+    record = next(c for c in report.checks if c.name == "structure.record")
+    assert not record.ok and "tp 3" in record.detail
+
+
+def test_metadata_cross_checks_the_found_order(made: dict[str, Path], tmp_path: Path) -> None:
+    """No record in config.json, shard metadata present: it must agree with the bytes."""
+    tpb = convert(made["src"], tmp_path / "tpb", layout=Layout.TP_BLOCKED, tp=2, workers=1).out
+    bare = unstamped(tpb, tmp_path / "bare")
+    config = json.loads((bare / "config.json").read_text())
+    del config["gdnfuse"]
+    (bare / "config.json").write_text(json.dumps(config))
+    (bare / "gdnfuse-manifest.json").unlink()
+    assert verify(bare, against=made["src"], numeric=False).ok  # metadata agrees
+    shard = next(p for p in sorted(bare.glob("*.safetensors"))
+                 if "gdnfuse.layout" in (read_header(p).metadata or {}))  # fmt: skip
+    save_file(load_file(shard), shard, metadata={"format": "pt", "gdnfuse.layout": "qwen3-next",
+                                                 "gdnfuse.tp": "2"})  # fmt: skip
+    report = verify(bare, against=made["src"], numeric=False)
+    assert [(c.name, c.file) for c in report.failures] == [("structure.record", shard.name)]
+
+
+def test_gpu_path_reads_the_found_order(made: dict[str, Path], tmp_path: Path) -> None:
+    """The GPU check (torch fallbacks on CPU) runs on a fused checkpoint without a record,
+    with the order verify found against the source."""
+    from gdnfuse.record import Record
+    from gdnfuse.verify import check_gpu
+
+    tpb = convert(made["src"], tmp_path / "tpb", layout=Layout.TP_BLOCKED, tp=2, workers=1).out
+    bare = unstamped(tpb, tmp_path / "bare")
+    _strip_record(bare)
+    results = check_gpu(bare, made["src"], 2, "cpu", rows=Record(Layout.TP_BLOCKED, 2))
+    assert results and all(r.ok for r in results), [r.detail for r in results]
+    (wrong,) = check_gpu(bare, made["src"], 2, "cpu")[:1]
+    assert not wrong.ok and "record" in wrong.detail  # without it: no record, no GPU path
+
+
+def test_cannot_convert_says_the_checkpoints_reason(made: dict[str, Path], tmp_path: Path) -> None:
+    gptq = tmp_path / "gptq"
+    shutil.copytree(made["src"], gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(config))
+    proc = run_cli("inspect", gptq, "--tp", "3")
+    assert proc.returncode == 0 and "gptq" in proc.stderr, proc.stderr
+
+
+def test_fp8_split_form_needs_both_halves() -> None:
+    from gdnfuse.engines import fp8_ignore_forms
+
+    def forms(names: list[str]) -> frozenset[str] | None:
+        return fp8_ignore_forms({"quantization_config": {"modules_to_not_convert": names}})
+
+    la = "model.layers.0.linear_attn."
+    assert forms([la + "in_proj_b"]) == frozenset()
+    assert forms([la + "in_proj_b", la + "in_proj_a"]) == {"split"}
+    assert forms([la + "in_proj_ba", la + "in_proj_a"]) == {"fused"}

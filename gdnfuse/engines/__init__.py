@@ -87,20 +87,29 @@ def family(model_type: str) -> str:
 
 
 def fp8_ignore_forms(config: Mapping[str, Any]) -> frozenset[str] | None:
-    """Name forms (``split``, ``fused``) of in_proj_b/a in an FP8 config's ignore lists."""
+    """Name forms (``split``, ``fused``) of in_proj_b/a in an FP8 config's ignore lists.
+
+    ``split`` only where both ``in_proj_b`` and ``in_proj_a`` of one layer are listed: the
+    engines skip a packed module only when every shard of it is listed (docs/layouts.md 4.1).
+    """
     holders = [config, config.get("text_config") or {}]
     quants = [h.get("quantization_config") for h in holders if isinstance(h, Mapping)]
     quants = [q for q in quants if isinstance(q, Mapping)]
     if not quants:
         return None
     forms = set()
+    halves: dict[str, set[str]] = {}
     for q in quants:
         for key in IGNORE_LISTS:
             for name in (q or {}).get(key) or []:
-                if isinstance(name, str) and SPLIT_BA_MODULE.search(name):
-                    forms.add("split")
-                if isinstance(name, str) and FUSED_BA_MODULE.search(name):
+                if not isinstance(name, str):
+                    continue
+                if (m := SPLIT_BA_MODULE.search(name)) is not None:
+                    halves.setdefault(name[: m.start()], set()).add(m.group()[-1])
+                if FUSED_BA_MODULE.search(name):
                     forms.add("fused")
+    if any(h == {"a", "b"} for h in halves.values()):
+        forms.add("split")
     return frozenset(forms)
 
 

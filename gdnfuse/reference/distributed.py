@@ -29,7 +29,7 @@ from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout, check_tp
 from gdnfuse.model import describe_config, natural_key, norm_eps
 from gdnfuse.names import FUSED_KEY
-from gdnfuse.record import RECORD_KEY, parse_record, unstamp_config
+from gdnfuse.record import RECORD_KEY, Record, parse_record, unstamp_config
 from gdnfuse.reference import gpu
 from gdnfuse.reference.naive import GdnWeights
 
@@ -56,10 +56,12 @@ class FusedModel:
     eps: float
 
 
-def describe_fused(ckpt: Checkpoint) -> FusedModel:
-    """Read the layout record and the GDN layers of a fused checkpoint (headers only)."""
+def describe_fused(ckpt: Checkpoint, rows: Record | None = None) -> FusedModel:
+    """Read the layout record and the GDN layers of a fused checkpoint (headers only);
+    ``rows``: the row order when known otherwise (found against the source by verify)."""
     model = describe_config(unstamp_config(ckpt.config))  # a stamped output: as declared
     record, why = parse_record(ckpt.config.get(RECORD_KEY), model.dims)
+    record = rows or record
     if record is None:
         raise GdnfuseError(f"{why}: not a usable gdnfuse-fused checkpoint", path=str(ckpt.root))
     tensors = ckpt.tensors
@@ -175,11 +177,12 @@ def verify_gpu(
     tokens: int = 64,
     seed: int = 0,
     layers: Sequence[str] | None = None,
+    rows: Record | None = None,
 ) -> list[gpu.GpuVerifyResult]:
     """One device: every GDN layer (or those whose prefixes ``layers`` names), fused (``tp``
     simulated ranks) vs split in bf16, both vs float64. For ``gdnfuse verify --device cuda``."""
     ckpt, split = open_checkpoint(checkpoint_dir), open_checkpoint(against)
-    model = describe_fused(ckpt)
+    model = describe_fused(ckpt, rows)
     check_verify_tp(model, tp)
     reader = SliceReader(model.root, model.files)
     return [
@@ -206,6 +209,7 @@ class _Job:
     tokens: int
     seed: int
     layers: tuple[str, ...] | None
+    rows: tuple[str, int] | None
     init_method: str
     result_path: str
 
@@ -229,7 +233,8 @@ def _rank_main(rank: int, job: _Job) -> None:
         "nccl" if cuda else "gloo", init_method=job.init_method, rank=rank, world_size=job.tp
     )
     try:
-        model = describe_fused(open_checkpoint(job.checkpoint_dir))
+        rows = None if job.rows is None else Record(Layout(job.rows[0]), job.rows[1])
+        model = describe_fused(open_checkpoint(job.checkpoint_dir), rows)
         check_verify_tp(model, job.tp)
         d = model.dims
         local = GdnDims(d.nk // job.tp, d.nv // job.tp, d.dk, d.dv)
@@ -295,6 +300,7 @@ def verify_tp(
     tokens: int = 64,
     seed: int = 0,
     layers: Sequence[str] | None = None,
+    rows: Record | None = None,
 ) -> dict:
     """``tp`` processes (one per GPU; gloo processes on CPU), NCCL all-reduce, rank 0 compares.
 
@@ -303,7 +309,7 @@ def verify_tp(
     """
     import torch.multiprocessing as mp
 
-    model = describe_fused(open_checkpoint(checkpoint_dir))
+    model = describe_fused(open_checkpoint(checkpoint_dir), rows)
     check_verify_tp(model, tp)
     open_checkpoint(against)  # refuse a bad source before starting processes
     if device == "cuda" and torch.cuda.device_count() < tp:
@@ -317,6 +323,7 @@ def verify_tp(
         job = _Job(
             str(checkpoint_dir), str(against), tp, device, tokens, seed,
             None if layers is None else tuple(layers),
+            None if rows is None else (str(rows.layout), rows.tp),
             f"tcp://127.0.0.1:{_free_port()}", os.path.join(tmp, "result.json"),
         )  # fmt: skip
         mp.spawn(_rank_main, args=(job,), nprocs=tp, join=True)

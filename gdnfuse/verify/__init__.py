@@ -177,7 +177,9 @@ def verify(
         checks += [replace(c, seconds=spent) for c in numeric_checks]
         if device != "cpu":
             gpu_tp = tp or (ck.record.tp if ck.record else 1)
-            checks += timed(lambda: check_gpu(ck.root, against, gpu_tp, device, layers=selected))
+            found = ck.record if ck.rows_from != "record" else None  # found, not recorded
+            checks += timed(lambda: check_gpu(ck.root, against, gpu_tp, device, layers=selected,
+                                              rows=found))  # fmt: skip
     else:
         checks.append(skipped("numeric", "--no-numeric: reference forward not run"))
     if engine is not None:
@@ -215,12 +217,18 @@ def _rows_against(
     name = "exact.layout"
     found = detect_layout(ck, src)
     tried = ", ".join(layout_name(*c) for c in candidate_layouts(ck.model.dims))
+    if isinstance(found, str):  # no fused tensors to compare: say why, keep the record's error
+        return ck, [failed(name, found, file=CONFIG_NAME)], NO_KNOWN_ORDER
     if found is None:
         why = f"the fused rows are in none of the known orders ({tried}) of the source's rows"
-        if ck.record is None:
+        if ck.record is None and ck.raw_record is None:
             ck = replace(ck, record_error=why)
         return ck, [failed(name, why, file=CONFIG_NAME)], NO_KNOWN_ORDER
     seen = layout_name(*found)
+    if ck.record is None and ck.raw_record is not None:  # a broken record stays a failure
+        return ck, [passed(name, f"fused rows are {seen}, found against the source (the "
+                           "layout record is unusable: see structure.record)")], Rows(
+            *found)  # fmt: skip
     if ck.record is None:
         ck = replace(ck, record=Record(*found), record_error=None, rows_from="detected")
         return ck, [passed(name, f"fused rows are {seen}, found against the source (no layout "
@@ -286,6 +294,7 @@ def check_gpu(
     device: str,
     *,
     layers: Iterable[str] | None = None,
+    rows: Record | None = None,
 ) -> list[CheckResult]:
     """The engines' precision on the engines' hardware: bf16, fla/Triton kernels, real ranks.
 
@@ -310,15 +319,16 @@ def check_gpu(
     chosen = None if layers is None else list(layers)
     try:
         open_fused_strictly = open_checkpoint(root)  # the GPU path reads the output's bytes
-        distributed.describe_fused(open_fused_strictly)
+        distributed.describe_fused(open_fused_strictly, rows)
     except GdnfuseError as e:  # a broken output is a failed check, not bad input
         return [failed("numeric.gpu", f"cannot run the GPU path on the output: {e.reason}",
                        file=e.path, tensor=e.tensor)]  # fmt: skip
     if tp > 1 and device == "cuda" and torch.cuda.device_count() >= tp:
-        report = distributed.verify_tp(root, against, tp, device, layers=chosen)
+        report = distributed.verify_tp(root, against, tp, device, layers=chosen, rows=rows)
         lines = distributed.format_report(report)
         return [CheckResult(f"numeric.gpu.tp{tp}", bool(report["passed"]), "; ".join(lines))]
-    results = distributed.verify_gpu(root, against, device=device, tp=tp, layers=chosen)
+    results = distributed.verify_gpu(root, against, device=device, tp=tp, layers=chosen,
+                                     rows=rows)  # fmt: skip
     return [
         CheckResult(
             f"numeric.gpu.{r.layer}",

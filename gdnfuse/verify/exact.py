@@ -272,20 +272,23 @@ def layout_name(layout: Layout, tp: int) -> str:
     return "plain [Q;K;V;Z]" if tp == 1 else f"tp-blocked T={tp}"
 
 
-def detect_layout(ck: FusedCheckpoint, src: Checkpoint) -> tuple[Layout, int] | None:
+def detect_layout(ck: FusedCheckpoint, src: Checkpoint) -> tuple[Layout, int] | str | None:
     """The row order the fused tensors hold, found against the source's bytes: the first of
     :func:`candidate_layouts` under which the first GDN layer's fused weights equal their
     source rows (a wrong order fails at its first misplaced run, so trying is cheap), or
-    None when none fits. ``exact.fused`` then checks every layer under it."""
+    None when none fits, or why nothing could be compared (a string). ``exact.fused`` then
+    checks every layer under it."""
     model = describe_config(src.config, str(src.root / CONFIG_NAME))
     groups = [g for g in find_gdn_groups(src.tensors, model) if g.leaf == "weight"]
     if not groups:
-        return None
+        return "the source has no split GDN projections to compare with"
     names = names_for(ck, model)
     first = [g for g in groups if g.prefix == groups[0].prefix]
     outs = [ck.tensors.get(names.to_output(g.name)) for g in first]
-    if any(o is None for o in outs):
-        return None
+    missing = [names.to_output(g.name) for g, o in zip(first, outs, strict=True) if o is None]
+    if missing:
+        return (f"no fused {missing[0]} in the output (or its shard header is invalid): the "
+                "row order cannot be found")
     with Reader() as reader:
         for cand in candidate_layouts(model.dims):
             if all(

@@ -44,7 +44,7 @@ from gdnfuse.names import (
 from gdnfuse.quant import block_rows
 from gdnfuse.record import RECORD_KEY, STAMP_MODEL_TYPE, Record, parse_record, unstamp_config
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
-from gdnfuse.verify.report import CheckResult, failed, outcome, passed, skipped, timed
+from gdnfuse.verify.report import CheckResult, failed, outcome, skipped, timed
 
 
 @dataclass(frozen=True)
@@ -386,8 +386,9 @@ def _record(ck: FusedCheckpoint) -> list[CheckResult]:
         how = ("the row order is the source's under the layout found against it"
                if ck.rows_from == "detected" else
                f"{ck.model.model_type} defines the row order (grouped per key head)")  # fmt: skip
-        return [passed("structure.record", f"no gdnfuse layout record (not written by gdnfuse, "
-                       f"or re-saved without it): {how}")]  # fmt: skip
+        return outcome("structure.record", _metadata_disagrees(ck),
+                       f"no gdnfuse layout record (not written by gdnfuse, or re-saved without "
+                       f"it): {how}")  # fmt: skip
     fails: list[CheckResult] = []
     layers = ck.raw_record.get("gdn_layers")
     if layers != len(ck.gdn_layers):
@@ -425,6 +426,32 @@ def _record(ck: FusedCheckpoint) -> list[CheckResult]:
         f"layout {ck.record.layout}, tp {ck.record.tp}; the {rewritten} rewritten "
         f"shards' __metadata__ agree{without}",
     )
+
+
+def _metadata_disagrees(ck: FusedCheckpoint) -> list[CheckResult]:
+    """Shards whose ``gdnfuse.*`` metadata (a cross-check, where present) states another row
+    order than the one the checks read."""
+    from gdnfuse.engines.spec import Rows, same_rows
+
+    assert ck.record is not None
+    want = Rows(ck.record.layout, ck.record.tp)
+    fails = []
+    for name, header in ck.shards.items():
+        meta = header.metadata or {}
+        layout, tp = meta.get(f"{RECORD_KEY}.layout"), meta.get(f"{RECORD_KEY}.tp")
+        if layout is None and tp is None:
+            continue
+        try:
+            said = Rows(Layout(str(layout)), int(tp or 1))
+            agrees = said.tp >= 1 and ck.model.dims.nk % said.tp == 0 and same_rows(
+                ck.model.dims, said, want)  # fmt: skip
+        except (ValueError, TypeError):
+            agrees = False
+        if not agrees:
+            fails.append(failed("structure.record", f"__metadata__ says layout {layout!r}, tp "
+                                f"{tp!r}, but the fused rows are {ck.record.layout}, tp "
+                                f"{ck.record.tp}", file=name))  # fmt: skip
+    return fails
 
 
 def _arch(ck: FusedCheckpoint) -> list[CheckResult]:
