@@ -140,7 +140,7 @@ def require_dir(root: Path) -> None:
 
 def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
     """Read and cross-check a checkpoint directory's config, index and shard headers."""
-    root = Path(root)
+    root = Path(root).expanduser()
     require_dir(root)
     config_path = root / CONFIG_NAME
     if not config_path.is_file():

@@ -296,6 +296,9 @@ def run(
     """
     started = time.perf_counter()
     _check_args(tp=tp, workers=options.workers)
+    if isinstance(source, str) and source.startswith("~"):  # hub.is_hub_source: a local path
+        source = os.path.expanduser(source)
+    out = Path(out).expanduser()
     if options.overwrite and options.resume:
         raise GdnfuseError(f"{option('overwrite', True)} and {option('resume', True)} exclude "
                            "each other")  # fmt: skip

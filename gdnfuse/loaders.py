@@ -27,7 +27,7 @@ from gdnfuse.safetensors_file import read_header
 def read_facts(root: str | os.PathLike[str], rows: Rows | None = None) -> Facts:
     """The :class:`~gdnfuse.engines.Facts` of the checkpoint in ``root``; ``rows``: the fused
     row order when known otherwise (found against the source), instead of the record's."""
-    root = Path(root)
+    root = Path(root).expanduser()
     require_dir(root)
     config = load_json(root / CONFIG_NAME)
     if not isinstance(config, dict):

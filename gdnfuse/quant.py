@@ -135,7 +135,7 @@ def fused_module_names(names: Iterable[Any]) -> list[Any]:
     """An ignore list that names both the split and the fused GDN modules, order kept.
 
     Engines disagree on which form they match (sglang's ``is_layer_skipped`` matches the
-    split shard names of a packed module, vLLM 0.33's honours the fused name), so every
+    split shard names of a packed module, vLLM 0.32's honours the fused name too), so every
     split name stays and its fused name (``in_proj_b`` and ``in_proj_a`` of one layer give
     one ``in_proj_ba``) is added after the first of them; other entries are kept as they are.
     """

@@ -38,7 +38,7 @@ from gdnfuse.engines.spec import (
 from gdnfuse.errors import GdnfuseError, option
 from gdnfuse.layout import GdnDims, Layout
 from gdnfuse.model import FAMILIES
-from gdnfuse.names import FUSED_BA_MODULE, SPLIT_BA_MODULE
+from gdnfuse.names import EXPERT_KEY, FUSED_BA_MODULE, FUSED_EXPERTS, SPLIT_BA_MODULE
 from gdnfuse.quant import IGNORE_LISTS
 from gdnfuse.record import STAMP_MODEL_TYPE
 
@@ -130,8 +130,11 @@ def facts(
     if fused and rows is None and fam == "qwen3_next":
         rows = GROUPED
     moe = any(".mlp.experts." in n for n in names)
+    per_expert = any(EXPERT_KEY.match(n) and not n.startswith("mtp.")
+                     and not FUSED_EXPERTS.match(n) for n in names)  # fmt: skip
+    text_type = str(config.get("model_type")).endswith("_text")
     return Facts(fam, fused, rows if fused else None, moe, dims, fp8_ignore_forms(config),
-                 rope_nested_only(config))  # fmt: skip
+                 rope_nested_only(config), text_type, per_expert)  # fmt: skip
 
 
 def rope_nested_only(config: Mapping[str, Any]) -> bool:

@@ -12,6 +12,10 @@ SPEC = EngineSpec(
         "qwen3_5": FamilyRule(
             where="mlx_lm/models/qwen3_5.py: split modules only, strict load_weights",
             fused_refusal="has only split modules and loads strictly (unexpected keys)",
+            # run: "Model type qwen3_5_text not supported"; its Qwen3.5 MoE sanitize expects
+            # experts.gate_up_proj (stacked), and the strict load refuses per-expert tensors
+            text_types=Outcome.REFUSES,
+            per_expert_moe=Outcome.REFUSES,
         ),
         "qwen3_next": FamilyRule(
             where="mlx_lm/models/qwen3_next.py: Model.sanitize",

@@ -86,6 +86,11 @@ class Facts:
     rope_nested_only: bool = False
     """RoPE base or rotary fraction stated only in ``rope_parameters``, differing from the
     defaults (10,000 and 0.25) that readers of the top-level keys fall back to."""
+    text_model_type: bool = False
+    """A text-only model type (``qwen3_5_text``, ``qwen3_5_moe_text``), not the released
+    ConditionalGeneration one."""
+    per_expert: bool = False
+    """MoE experts of the decoder layers stored one tensor per expert (not stacked)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class FamilyRule:
     fp8_ignore: frozenset[str] | None = None
     """Name forms of in_proj_b/a (``split``, ``fused``) its FP8 ignore-list matching honours
     for this family; None: the engine's default (:attr:`EngineSpec.fp8_ignore`)."""
+    text_types: Outcome = Outcome.LOADS
+    """What it does with the text-only model types of the family."""
+    per_expert_moe: Outcome = Outcome.LOADS
+    """What it does with per-expert MoE tensors (when it only knows stacked ones)."""
     rope_top_level: Outcome = Outcome.LOADS
     """What it does when the RoPE base/fraction is only in ``rope_parameters`` (it reads the
     top-level ``rope_theta`` / ``partial_rotary_factor``): misread with its defaults, or
@@ -168,6 +177,12 @@ class EngineSpec:
                 f"its {f.family} model matches FP8 ignore lists by {names}, which the config "
                 "lacks: it would quantize the bf16 in_proj_ba (its block size check raises)",
             )
+        if f.text_model_type and rule.text_types is not Outcome.LOADS:
+            return Verdict(rule.text_types, f"does not support the text-only {f.family} model "
+                           "types (only the released ConditionalGeneration one)")  # fmt: skip
+        if f.moe and f.per_expert and rule.per_expert_moe is not Outcome.LOADS:
+            return Verdict(rule.per_expert_moe, "loads stacked MoE experts only (as released), "
+                           "not one tensor per expert")  # fmt: skip
         if f.rope_nested_only and rule.rope_top_level is not Outcome.LOADS:
             return Verdict(rule.rope_top_level, "reads the RoPE base and rotary fraction at the "
                            "top level of config.json, which states them only in "

@@ -227,10 +227,15 @@ def _rope_fails(ck: FusedCheckpoint, text: Mapping[str, Any], name: str) -> list
     got_nested = got_nested if isinstance(got_nested, Mapping) else {}
     fails = []
     for key in ("rope_theta", "partial_rotary_factor"):
-        for where, got in ((f"rope_parameters.{key}", got_nested.get(key, "absent")),
-                           (key, ck.config.get(key))):  # fmt: skip
-            # Absent at the top level (a config re-saved by transformers 5): right for readers
-            # of rope_parameters; the per-engine verdicts say who defaults instead.
+        places = ((f"rope_parameters.{key}", got_nested.get(key)), (key, ck.config.get(key)))
+        # Absent in one place (a config re-saved by transformers 5 has no top-level keys):
+        # right for the readers of the other; the per-engine verdicts say who defaults then.
+        # Absent in both: every reader takes its default.
+        if all(got is None for _, got in places):
+            fails.append(failed(name, f"{key} is stated nowhere (readers take their "
+                                f"default); the source's RoPE has {want[key]!r}",
+                                file=CONFIG_NAME))  # fmt: skip
+        for where, got in places:
             if got is not None and got != want[key]:
                 fails.append(failed(name, f"{where} is {got!r}, the source's RoPE has "
                                     f"{want[key]!r}", file=CONFIG_NAME))  # fmt: skip

@@ -99,7 +99,7 @@ def layer_number(prefix: str) -> int | None:
 
 def open_fused(root: str | os.PathLike[str]) -> FusedCheckpoint:
     """Read what can be read; raises :class:`GdnfuseError` only when it is not a checkpoint."""
-    root = Path(root)
+    root = Path(root).expanduser()
     require_dir(root)
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
