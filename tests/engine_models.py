@@ -21,12 +21,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import _redraw
+from tiny_models import _redraw, add_shard
 from transformers import (
     Qwen3_5Config,
     Qwen3_5ForCausalLM,
@@ -42,31 +43,27 @@ ROOT = Path(__file__).resolve().parent.parent
 NK, DK, DV = 4, 64, 64
 
 
-def engine_python() -> str:
-    """The engines' Python: GDNFUSE_ENGINE_PYTHON, else .venv-engines (scripts/setup.sh).
-
-    Missing engines skip, except where GDNFUSE_REQUIRE_ENGINES=1 (scripts/test.sh, CI): a
-    run that was meant to test against engines must not pass without them.
-    """
-    path = os.environ.get("GDNFUSE_ENGINE_PYTHON") or str(ROOT / ".venv-engines/bin/python")
+def _python(variable: str, venv: str, what: str) -> str:
+    """The Python ``variable`` names, else ``venv``'s. Missing, it skips, except where
+    GDNFUSE_REQUIRE_ENGINES=1 (scripts/test.sh, CI): a run that was meant to test against
+    engines must not pass without them."""
+    path = os.environ.get(variable) or str(ROOT / venv / "bin/python")
     if Path(path).exists():
         return path
-    why = f"no engine Python at {path} (bash scripts/setup-engines.sh installs vLLM and sglang)"
+    why = f"no {what} Python at {path} (bash scripts/setup-engines.sh makes {venv})"
     if os.environ.get("GDNFUSE_REQUIRE_ENGINES") == "1":
         pytest.fail(why)
     pytest.skip(why)
+
+
+def engine_python() -> str:
+    """The engines' Python (vLLM, sglang, mlx-lm): GDNFUSE_ENGINE_PYTHON, else .venv-engines."""
+    return _python("GDNFUSE_ENGINE_PYTHON", ".venv-engines", "engine")
 
 
 def tf4_python() -> str:
-    """transformers 4.x's Python (``.venv-tf4``, scripts/setup-engines.sh), or skip/fail as
-    :func:`engine_python` does."""
-    path = os.environ.get("GDNFUSE_TF4_PYTHON") or str(ROOT / ".venv-tf4/bin/python")
-    if Path(path).exists():
-        return path
-    why = f"no transformers 4.x Python at {path} (bash scripts/setup-engines.sh makes .venv-tf4)"
-    if os.environ.get("GDNFUSE_REQUIRE_ENGINES") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
+    """transformers 4.x's Python: GDNFUSE_TF4_PYTHON, else .venv-tf4."""
+    return _python("GDNFUSE_TF4_PYTHON", ".venv-tf4", "transformers 4.x")
 
 
 def build(path: Path, *, moe: bool, r: int, seed: int = 0) -> Path:
@@ -107,7 +104,8 @@ VL_ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_f
 sections sum to rotary_dim / 2 = 64 * 0.25 / 2 = 8, as [11, 11, 10] does for head_dim 256."""
 VISION = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
           "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-          "num_position_embeddings": 64, "hidden_act": "gelu_pytorch_tanh"}  # fmt: skip
+          "num_position_embeddings": 64, "hidden_act": "gelu_pytorch_tanh",
+          "deepstack_visual_indexes": []}  # fmt: skip (released: no deepstack mergers)
 VL_SIDE_FILES = {
     "preprocessor_config.json": {
         "image_processor_type": "Qwen2VLImageProcessorFast", "patch_size": 16,
@@ -128,30 +126,43 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content 
                  "{% endfor %}")
 
 
-def build_vl(path: Path, *, moe: bool, r: int, seed: int = 0, rope_theta: float = 1e7) -> Path:
+def _mrope_section(head_dim: int) -> list[int]:
+    """The released split of the rotary half-dim over (t, h, w): [11, 11, 10] for 32, so
+    [3, 3, 2] for head_dim 64 and [6, 6, 4] for 128 (partial_rotary_factor 0.25)."""
+    half = int(head_dim * VL_ROPE["partial_rotary_factor"]) // 2
+    third = -(-half // 3)
+    return [third, third, half - 2 * third]
+
+
+def build_vl(path: Path, *, moe: bool, r: int, seed: int = 0, rope_theta: float = 1e7,
+             head_dim: int = 64, dk: int = DK, moe_intermediate: int = 64,
+             stacked_experts: bool = True) -> Path:  # fmt: skip
     """Save a tiny released-style Qwen3.5 VL checkpoint: ``Qwen3_5(Moe)ForConditionalGeneration``
     (vision tower ``model.visual.*``, language model ``model.language_model.*``) in bf16 and
     several shards, the released text_config keys, an MTP layer in a shard of its own (named
     as vLLM's ``qwen3_5_mtp.py`` loads it) and the released side files.
 
     Engine-sized like :func:`build`: ``dk = dv = head_dim = 64``, ``nk = 4``. ``rope_theta``:
-    the RoPE base (as released: 1e7). MoE experts are stored fused, as released
-    (:func:`_fuse_experts`).
+    the RoPE base (as released: 1e7). MoE experts are stored stacked, as the bf16 release
+    stores them (:func:`_fuse_experts`), or per expert (``stacked_experts=False``) as the FP8
+    release does. ``head_dim``, ``dk`` (= ``dv``), ``moe_intermediate``: other engine sizes
+    (FP8 with 128 x 128 blocks needs 128-row heads).
     """
     text = dict(
         vocab_size=512, hidden_size=256, num_hidden_layers=4,
         layer_types=["linear_attention"] * 3 + ["full_attention"], full_attention_interval=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        linear_num_key_heads=NK, linear_num_value_heads=NK * r, linear_key_head_dim=DK,
-        linear_value_head_dim=DV, linear_conv_kernel_dim=4, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        linear_num_key_heads=NK, linear_num_value_heads=NK * r, linear_key_head_dim=dk,
+        linear_value_head_dim=dk, linear_conv_kernel_dim=4, max_position_embeddings=512,
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
         pad_token_id=None, attn_output_gate=True, mamba_ssm_dtype="float32",
         mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False, attention_bias=False,
-        rope_parameters={**VL_ROPE, "rope_theta": rope_theta},
+        rope_parameters={**VL_ROPE, "rope_theta": rope_theta,
+                         "mrope_section": _mrope_section(head_dim)},
     )  # fmt: skip
     if moe:
-        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                    shared_expert_intermediate_size=64)  # fmt: skip
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_intermediate,
+                    shared_expert_intermediate_size=moe_intermediate)  # fmt: skip
         config_cls, cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
         donor_config, donor_cls = Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM
     else:
@@ -164,7 +175,7 @@ def build_vl(path: Path, *, moe: bool, r: int, seed: int = 0, rope_theta: float 
     model = cls(config).to(torch.bfloat16).eval()
     _redraw(model, seed)
     model.save_pretrained(path, max_shard_size="2MB")
-    if moe:
+    if moe and stacked_experts:
         _fuse_experts(path)
     # MTP: one full-attention decoder layer (with the MLP / MoE block) + fc and norms, as
     # released checkpoints carry it and vLLM's Qwen3_5MTP loads it; transformers ignores mtp.*
@@ -183,13 +194,7 @@ def build_vl(path: Path, *, moe: bool, r: int, seed: int = 0, rope_theta: float 
     for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         mtp[f"mtp.{norm}.weight"] = torch.randn(hidden, generator=gen) * 0.2
     mtp = {n: t.to(torch.bfloat16).contiguous() for n, t in sorted(mtp.items())}
-    shard = "model-mtp.safetensors"
-    save_file(mtp, path / shard, metadata={"format": "pt"})
-    index_path = path / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"].update({n: shard for n in mtp})
-    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in mtp.values())
-    index_path.write_text(json.dumps(index, indent=2))
+    add_shard(path, "model-mtp.safetensors", mtp)
     for name, content in VL_SIDE_FILES.items():
         (path / name).write_text(json.dumps(content, indent=2))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -267,24 +272,34 @@ def text_only_output(src: Path, dst: Path, **convert_args) -> Path:  # noqa: ANN
     return convert(copy, dst, **convert_args).out
 
 
-def fp8_copy(src: Path, dst: Path, block: int = 128) -> Path:
-    """A copy of a VL source with its language model's linear weights block-quantized to FP8
-    (``quant_method: fp8``, ``weight_block_size: [block, block]``, ``weight_scale_inv`` per
-    block) as the official ``Qwen3.5-*-FP8`` checkpoints are; ``in_proj_b``/``a``, the
-    router, norms, embeddings, the vision tower and MTP stay unquantized. sglang's CPU FP8
-    path needs AMX, which this machine lacks: a source sglang cannot load here."""
+DEFAULT_FP8_IGNORE = ["in_proj_b", "in_proj_a", "mlp.gate", "visual", "mtp", "lm_head",
+                      "embed_tokens", "norm"]
+"""A short ``modules_to_not_convert`` (substring names): what stays bf16 in :func:`fp8_copy`."""
+
+
+def fp8_copy(src: Path, dst: Path, block: int = 128,
+             ignore: Callable[[dict], list[str]] | None = None) -> Path:  # fmt: skip
+    """A copy of ``src`` with its decoder layers' linear weights block-quantized to FP8 as the
+    official ``Qwen3.5-*-FP8`` checkpoints are: ``float8_e4m3fn`` weights and a bf16
+    ``weight_scale_inv`` per ``block x block`` (``quant_method: fp8``); matrices that are not
+    whole blocks (``in_proj_b``/``a``, routers), norms, conv1d, embeddings, the head, the
+    vision tower and MTP stay bf16. ``ignore(config)``: the ``modules_to_not_convert`` to
+    write (default :data:`DEFAULT_FP8_IGNORE`). sglang's CPU FP8 path needs AMX, which this
+    machine lacks, when it repacks weights after loading."""
     shutil.copytree(src, dst)
     index_path = dst / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     for shard in sorted(set(index["weight_map"].values())):
         out = {}
         for name, t in load_file(dst / shard).items():
-            if (name.startswith("model.language_model.layers.") and name.endswith(".weight")
-                    and t.dim() == 2 and t.shape[0] % block == 0 and t.shape[1] % block == 0
-                    and ".mlp.gate." not in name):  # fmt: skip
+            whole_blocks = t.dim() == 2 and t.shape[0] % block == 0 and t.shape[1] % block == 0
+            if (name.startswith(("model.language_model.layers.", "model.layers."))
+                    and name.endswith(".weight") and ".mlp.gate." not in name
+                    and whole_blocks):  # fmt: skip
                 w = t.float().reshape(t.shape[0] // block, block, t.shape[1] // block, block)
-                scale = w.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-                out[name] = (w / scale[:, None, :, None]).reshape(t.shape).to(torch.float8_e4m3fn)
+                scale = (w.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0).to(torch.bfloat16)
+                q = w / scale.float()[:, None, :, None]
+                out[name] = q.reshape(t.shape).to(torch.float8_e4m3fn)
                 out[name + "_scale_inv"] = scale
                 index["weight_map"][name + "_scale_inv"] = shard
             else:
@@ -295,8 +310,8 @@ def fp8_copy(src: Path, dst: Path, block: int = 128) -> Path:
     config["quantization_config"] = {
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
         "weight_block_size": [block, block],
-        "modules_to_not_convert": ["in_proj_b", "in_proj_a", "mlp.gate", "visual", "mtp",
-                                   "lm_head", "embed_tokens", "norm"]}  # fmt: skip
+        "modules_to_not_convert": ignore(config) if ignore else list(DEFAULT_FP8_IGNORE),
+    }  # fmt: skip
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
 
@@ -353,14 +368,22 @@ def swap_value_heads(src: Path, dst: Path) -> Path:
 
 def plant_rows(good: Path, rows_from: Path, dst: Path) -> Path:
     """A copy of ``good`` whose fused GDN tensors are replaced by those of ``rows_from`` (same
-    names, other row order): a mis-laid-out checkpoint that claims to be right."""
+    layers, other row order; a VL ``rows_from``'s ``model.language_model.`` names are read as
+    ``model.``): a mis-laid-out checkpoint that claims to be right."""
     shutil.copytree(good, dst)
     other = {}
     for shard in rows_from.glob("*.safetensors"):
-        other.update({n: t for n, t in load_file(shard).items() if ".in_proj_" in n})
-    _rewrite(dst, lambda n, t: other.get(n, t))
-    index = json.loads((dst / "model.safetensors.index.json").read_text())
-    assert any(".in_proj_qkvz" in n for n in index["weight_map"])
+        other.update({n.replace("model.language_model.", "model."): t
+                      for n, t in load_file(shard).items() if ".in_proj_" in n})  # fmt: skip
+    replaced = []
+
+    def edit(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in other:
+            replaced.append(name)
+        return other.get(name, t)
+
+    _rewrite(dst, edit)
+    assert any(".in_proj_qkvz" in n for n in replaced), "nothing planted"
     return dst
 
 

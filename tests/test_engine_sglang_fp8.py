@@ -12,6 +12,8 @@ sglang's CPU FP8 path asserts AMX support (absent here) only after loading, when
 the weights for its AMX kernels: the harness's ``fp8_loader_only`` skips exactly that step
 (harness/sglang_params.py says why the rule under test runs before it).
 
+The source is released-shaped (``Qwen3_5MoeForConditionalGeneration``: vision tower, MTP,
+RoPE base 1e7 with an M-RoPE section, per-expert FP8 experts as the FP8 release stores them).
 Engine-sized, FP8-able at TP 2 with 128 x 128 blocks: ``dk = dv = 128`` (each key head's q
 and k rows are whole blocks, so the grouped fused rows are a block permutation), ``nk = 4``,
 ``r = 2``; every quantized weight has a multiple of 128 rows and columns per rank; in_proj_b/a
@@ -26,10 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_models import engine_python, plant_rows, unstamped
+from engine_models import build_vl, engine_python, fp8_copy, plant_rows, unstamped
 from safetensors.torch import load_file, save_file
-from tiny_models import _redraw
-from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 from gdnfuse import loaders
 from gdnfuse.convert import convert
@@ -37,39 +37,25 @@ from gdnfuse.engines import Outcome, run
 from gdnfuse.layout import Layout
 
 NK, R, DK, DV, BLOCK = 4, 2, 128, 128, 128
-FP8 = torch.float8_e4m3fn
 FORMS = {"split": ("in_proj_b", "in_proj_a"), "fused": ("in_proj_ba",),
          "both": ("in_proj_b", "in_proj_a", "in_proj_ba")}  # fmt: skip
 OPTS: dict = {"workers": 1}
 
 
 def _bf16_source(path: Path) -> Path:
-    """A tiny text-only Qwen3.5 MoE (bf16) whose linears are FP8-able at TP 2, block 128."""
-    config = Qwen3_5MoeTextConfig(
-        vocab_size=512, hidden_size=256, num_hidden_layers=4,
-        layer_types=["linear_attention"] * 3 + ["full_attention"], full_attention_interval=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-        linear_num_key_heads=NK, linear_num_value_heads=NK * R, linear_key_head_dim=DK,
-        linear_value_head_dim=DV, linear_conv_kernel_dim=4, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
-        shared_expert_intermediate_size=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "partial_rotary_factor": 0.25, "mrope_section": [4, 6, 6],
-                         "mrope_interleaved": True},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Qwen3_5MoeForCausalLM(config).to(torch.bfloat16).eval()
-    _redraw(model, 0)
-    model.save_pretrained(path, max_shard_size="8MB")
-    return path
+    """A released-style Qwen3.5 MoE VL source (vision tower, MTP, RoPE base 1e7, M-RoPE; per
+    expert experts, as the FP8 release stores them) whose linears are FP8-able at TP 2."""
+    return build_vl(path, moe=True, r=R, head_dim=DK, dk=DK, moe_intermediate=256,
+                    stacked_experts=False)  # fmt: skip
 
 
 def _ignore(layers: int, linear: list[int], form: str) -> list[str]:
     """A released-style modules_to_not_convert: per-layer names, in_proj_b/a in ``form``."""
-    out = ["lm_head", "model.embed_tokens", "model.norm"]
+    out = ["lm_head", "model.language_model.embed_tokens", "model.language_model.norm",
+           "model.visual", "mtp.fc", "mtp.norm", "mtp.pre_fc_norm_embedding",
+           "mtp.pre_fc_norm_hidden"]  # fmt: skip
     for i in range(layers):
-        p = f"model.layers.{i}."
+        p = f"model.language_model.layers.{i}."
         out += [p + "input_layernorm", p + "post_attention_layernorm", p + "mlp.gate",
                 p + "mlp.shared_expert_gate"]  # fmt: skip
         if i in linear:
@@ -81,36 +67,15 @@ def _ignore(layers: int, linear: list[int], form: str) -> list[str]:
 
 
 def quantize(src: Path, dst: Path) -> Path:
-    """FP8 copy of ``src``: every decoder matrix with 128-multiple rows and columns becomes
-    ``float8_e4m3fn`` with bf16 ``weight_scale_inv`` per 128 x 128 block (as the official
-    Qwen3.5 FP8 checkpoints store them); ignore list in the split form, as released."""
-    shutil.copytree(src, dst)
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        out = {}
-        for name, t in load_file(dst / shard).items():
-            fp8able = t.dim() == 2 and t.shape[0] % BLOCK == 0 and t.shape[1] % BLOCK == 0
-            if name.startswith("model.layers.") and name.endswith(".weight") and fp8able:
-                w = t.float().reshape(t.shape[0] // BLOCK, BLOCK, t.shape[1] // BLOCK, BLOCK)
-                scale = (w.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0).to(torch.bfloat16)
-                q = w / scale.float()[:, None, :, None]
-                out[name] = q.reshape(t.shape).to(FP8)
-                out[name + "_scale_inv"] = scale
-                index["weight_map"][name + "_scale_inv"] = shard
-            else:
-                out[name] = t
-        save_file(out, dst / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index, indent=2))
-    config = json.loads((dst / "config.json").read_text())
-    linear = [i for i, k in enumerate(config["layer_types"]) if k == "linear_attention"]
-    config["quantization_config"] = {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-        "weight_block_size": [BLOCK, BLOCK],
-        "modules_to_not_convert": _ignore(config["num_hidden_layers"], linear, "split"),
-    }  # fmt: skip
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    return dst
+    """FP8 copy of ``src`` (:func:`engine_models.fp8_copy`, 128 x 128 blocks) with a
+    released-style per-layer ignore list in the split form, as Qwen3.5-FP8 lists it."""
+
+    def ignore(config: dict) -> list[str]:
+        text = config["text_config"]
+        linear = [i for i, k in enumerate(text["layer_types"]) if k == "linear_attention"]
+        return _ignore(text["num_hidden_layers"], linear, "split")
+
+    return fp8_copy(src, dst, BLOCK, ignore)
 
 
 def with_form(src: Path, dst: Path, form: str) -> Path:

@@ -92,11 +92,11 @@ def text_config_dict(spec: TinySpec) -> dict[str, Any]:
         linear_conv_kernel_dim=4,
         max_position_embeddings=128,
         rms_norm_eps=1e-6,
-        rope_parameters={
+        rope_parameters={  # as released: base 1e7, a quarter of each head rotated, M-RoPE
             "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [1, 1, 0],
             "mrope_interleaved": True,
         },  # fmt: skip
         tie_word_embeddings=False,
@@ -239,10 +239,16 @@ def add_mtp_layer(path: Path, spec: TinySpec, *, dtype: torch.dtype, seed: int) 
         for name, p in layer.state_dict().items()
     }
     tensors["mtp.norm.weight"] = torch.ones(spec.hidden, dtype=dtype)
-    save_file(tensors, path / MTP_SHARD, metadata={"format": "pt"})
+    add_shard(path, MTP_SHARD, tensors)
+
+
+def add_shard(path: Path, shard: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as one more shard of the checkpoint in ``path`` and list it in the
+    index (weight_map and total_size), as ``save_pretrained`` would have."""
+    save_file(tensors, path / shard, metadata={"format": "pt"})
     index_path = path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"].update({name: MTP_SHARD for name in tensors})
+    index["weight_map"].update({name: shard for name in tensors})
     index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
     index_path.write_text(json.dumps(index, indent=2))
 
