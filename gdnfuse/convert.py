@@ -24,22 +24,19 @@ from typing import Any, Protocol
 from gdnfuse import engines, loaders
 from gdnfuse.arch import Arch
 from gdnfuse.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
-from gdnfuse.errors import GdnfuseError, OutputError, option
+from gdnfuse.errors import GdnfuseError, NoSpaceError, OutputError, option
 from gdnfuse.executor import (
-    JOURNAL_NAME,
     ExecuteOptions,
     FileResult,
     ProgressFn,
     check_output_dir,
     execute,
-    existing_ancestor,
-    finished_files,
-    fs_block,
     journal_head,
 )
 from gdnfuse.fusion import CLONE_BLOCK, ConversionPlan, plan_conversion, refuse_fused
 from gdnfuse.layout import Layout, check_tp
 from gdnfuse.model import describe_config
+from gdnfuse.outdir import JOURNAL_NAME, existing_ancestor, finished_files, fs_block
 from gdnfuse.plan import OutputFile, Plan
 
 
@@ -373,7 +370,7 @@ def preflight(
     (empty, or ``overwrite``/``resume``), writable, big enough. ``dry_run``: a disk too
     small is reported (``short``), not refused: the plan is what says how big a disk to get."""
     check_destination(source, out)
-    check_output_dir(out, options)
+    check_output_dir(out, cplan.plan, options)
     probe = existing_ancestor(out)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError("not writable (permission denied)", path=str(probe))
@@ -457,12 +454,12 @@ def check_free_space(out: Path, needed: int, hint: bool = True) -> None:
     probe = existing_ancestor(out)
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise OutputError(
+        raise NoSpaceError(
             f"not enough free space: needs {_size(needed)} but only {_size(free)} are free on "
             "that filesystem"
             + (f" (consider {option('link', True)} to hard-link untouched shards)" if hint
                else ""),  # fmt: skip
-            path=str(out),
+            path=str(out), needed=needed, free=free,
         )
 
 

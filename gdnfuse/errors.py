@@ -2,12 +2,13 @@
 
 Everything gdnfuse raises on purpose is a :class:`GdnfuseError` (bad input, by default);
 the subclasses let a caller tell apart what to do next: :class:`OutputError` (fix the
-output directory), :class:`SetupError` (install something), :class:`Interrupted` (resume),
-:class:`CheckFailed` (the checkpoint is wrong).
+output directory; :class:`NoSpaceError`: free space), :class:`SetupError` (install
+something), :class:`Interrupted` (resume), :class:`CheckFailed` (the checkpoint is wrong).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from typing import Any
@@ -73,8 +74,30 @@ class GdnfuseError(Exception):
 
 
 class OutputError(GdnfuseError):
-    """The output directory cannot take this run: not empty, held by another run, not
-    writable, too small, or a write failed (a full disk: free space, then resume)."""
+    """The output directory cannot take this run: not empty, held by another run, nothing
+    to resume, not writable, or a write failed."""
+
+    @classmethod
+    def writing(cls, e: OSError, path: Any) -> OutputError:
+        """One clear line for a failed write; a full disk says how to finish the run."""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpaceError(
+                f"no space left on the device (ENOSPC); free space and rerun with "
+                f"{option('resume', True)}",
+                path=str(path),
+            )
+        return cls(f"cannot write: {e.strerror or e}", path=str(path))
+
+
+class NoSpaceError(OutputError):
+    """Not enough free space, found before a run (``needed`` and ``free``, in bytes, on the
+    filesystem at ``path``) or when a write failed with ENOSPC (both None)."""
+
+    def __init__(self, message: str, *, path: str | None = None, needed: int | None = None,
+                 free: int | None = None) -> None:  # fmt: skip
+        super().__init__(message, path=path)
+        self.needed = needed
+        self.free = free
 
 
 class SetupError(GdnfuseError):

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, SKIPPED_DIRS, SKIPPED_SUFFIXES
-from gdnfuse.errors import GdnfuseError, option
-from gdnfuse.executor import existing_ancestor
+from gdnfuse.errors import GdnfuseError, NoSpaceError, option
+from gdnfuse.outdir import existing_ancestor
 from gdnfuse.plan import Plan
 from gdnfuse.safetensors_file import MAX_HEADER_BYTES
 
@@ -352,11 +352,11 @@ def check_disk_space(
     for where, needed in needs:
         free = disk_usage(where).free
         if needed > free:
-            raise GdnfuseError(
-                f"not enough disk space: {download / 1e9:.2f} GB to download into {cache} plus "
+            raise NoSpaceError(
+                f"not enough free space: {download / 1e9:.2f} GB to download into {cache} plus "
                 f"{output / 1e9:.2f} GB of output need {needed / 1e9:.2f} GB on that filesystem, "
                 f"but only {free / 1e9:.2f} GB are free",
-                path=str(where),
+                path=str(where), needed=needed, free=free,
             )
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from gdnfuse import hub as gdnhub
 from gdnfuse.convert import MANIFEST_NAME, plan_source, run
-from gdnfuse.errors import GdnfuseError
+from gdnfuse.errors import GdnfuseError, NoSpaceError
 from gdnfuse.executor import ExecuteOptions
 from gdnfuse.synthetic import PRESETS, write_checkpoint
 
@@ -335,6 +335,7 @@ def test_missing_bytes_and_disk_space(tmp_path):
 
     out = tmp_path / "new" / "out"  # not created yet: its nearest existing parent decides
     gdnhub.check_disk_space(1000, 3000, tmp_path / "cache", out, disk_usage=free(4000))
-    with pytest.raises(GdnfuseError, match="not enough disk space: 0.00 GB to download") as e:
+    with pytest.raises(NoSpaceError, match="not enough free space: 0.00 GB to download") as e:
         gdnhub.check_disk_space(1000, 3000, tmp_path / "cache", out, disk_usage=free(3999))
     assert "only 0.00 GB are free" in str(e.value)
+    assert (e.value.needed, e.value.free) == (4000, 3999)  # the same class as convert's check

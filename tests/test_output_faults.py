@@ -114,7 +114,7 @@ def test_lock_of_a_killed_run_does_not_block_resume(src: Path, tmp_path: Path) -
 
 def test_runs_use_their_own_temporaries(src: Path, tmp_path: Path) -> None:
     """A second run never removes or reuses another's temporary (they are per run)."""
-    from gdnfuse.executor import tmp_path as temporary
+    from gdnfuse.outdir import tmp_path as temporary
 
     a = temporary(tmp_path, "x.safetensors", "1-aa")
     b = temporary(tmp_path, "x.safetensors", "2-bb")
@@ -162,11 +162,11 @@ def test_overwrite_interrupted_in_its_own_clean_up(
 ) -> None:
     """Killed after removing the old manifest but not the files it listed: the next
     --overwrite still knows them (the journal names them before anything is removed)."""
-    import gdnfuse.executor as executor
+    import gdnfuse.outdir as outdir
 
     other = _renamed(src, tmp_path / "other")
     out = convert(other, tmp_path / "out", **OPTS).out
-    real, removed = executor._remove_old, []
+    real, removed = outdir.remove_old, []
 
     def dying(root: Path, name: str) -> None:
         real(root, name)
@@ -174,10 +174,10 @@ def test_overwrite_interrupted_in_its_own_clean_up(
         if MANIFEST_NAME in removed and len(removed) > 3:
             raise KeyboardInterrupt  # stands for SIGKILL mid-clean-up
 
-    monkeypatch.setattr(executor, "_remove_old", dying)
+    monkeypatch.setattr(outdir, "remove_old", dying)
     with pytest.raises(KeyboardInterrupt):
         convert(src, out, workers=1, overwrite=True)
-    monkeypatch.setattr(executor, "_remove_old", real)
+    monkeypatch.setattr(outdir, "remove_old", real)
     assert not (out / MANIFEST_NAME).exists()
     assert any(n.startswith("other-") for n in os.listdir(out))
     convert(src, out, workers=1, overwrite=True)
@@ -308,8 +308,6 @@ def test_out_inside_a_bind_mounted_source_is_refused(src: Path, tmp_path: Path, 
 def test_fsync_syncs_the_directories(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gdnfuse.executor as executor
-
     synced: list[str] = []
     real = os.fsync
 
@@ -317,7 +315,7 @@ def test_fsync_syncs_the_directories(
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
-    monkeypatch.setattr(executor.os, "fsync", traced)
+    monkeypatch.setattr(os, "fsync", traced)
     out = convert(src, tmp_path / "out", workers=1, fsync=True).out
     assert str(out) in synced  # the directory entry of every rename
     files = [s for s in synced if s != str(out)]

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gdnfuse.arch import TARGET_ARCHITECTURE, TARGET_MODEL_TYPE
-from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, list_files, require_dir
-from gdnfuse.convert import MANIFEST_NAME
+from gdnfuse.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, list_files, require_dir
 from gdnfuse.errors import GdnfuseError
-from gdnfuse.executor import JOURNAL_NAME
 from gdnfuse.layout import BA, QKVZ, Layout
 from gdnfuse.model import (
     OUTPUT_FAMILIES,
@@ -41,6 +39,7 @@ from gdnfuse.names import (
     LAYER_NUMBER,
     VISUAL_PREFIX,
 )
+from gdnfuse.outdir import JOURNAL_NAME
 from gdnfuse.quant import block_rows
 from gdnfuse.record import RECORD_KEY, STAMP_MODEL_TYPE, Record, parse_record, unstamp_config
 from gdnfuse.safetensors_file import SafetensorsHeader, read_header
