@@ -9,10 +9,11 @@ that run without ``--against`` plant exactly the faults the numeric check can se
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
 import shutil
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -237,6 +238,37 @@ def test_qkvz_key_head_groups_swapped(
     # The numeric check sees it on its own, as a wrong layer output.
     assert "max |diff|" in named(report, "numeric.forward", QKVZ1)["detail"]
     assert {c["name"] for c in failures(report)} == {"exact.fused", "numeric.forward"}
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_numeric_check_reads_weights_in_row_chunks(
+    made: dict[str, Path],
+    copy: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    rows: int,
+) -> None:
+    """No projection is ever read whole (memory stays bounded at any model size), and the
+    chunked forward still passes a good output and fails a bad one, with or without source."""
+    numeric = importlib.import_module("gdnfuse.verify.numeric")
+    monkeypatch.setattr(numeric, "ROWS", rows)
+    monkeypatch.setattr(numeric, "READ", 1)  # one chunk per read
+    widest: dict[str, int] = {}
+    real = numeric.Weights._stored
+
+    def stored(self: Any, name: str, start: int, stop: int) -> Any:
+        widest[name] = max(widest.get(name, 0), stop - start)
+        return real(self, name, start, stop)
+
+    monkeypatch.setattr(numeric.Weights, "_stored", stored)
+    for key in ("q", "tb"):
+        assert verify(made[key], against=made["src"]).ok
+        assert verify(made[key]).ok
+    projections = {n: w for n, w in widest.items() if "proj" in n}
+    assert projections and max(projections.values()) == rows
+    out = copy("q")
+    swap_rows(out, QKVZ1, 0, GROUP_ROWS, GROUP_ROWS)
+    bad = verify(out, against=made["src"])
+    assert ("numeric.forward", QKVZ1) in {(c.name, c.tensor) for c in bad.checks if not c.ok}
 
 
 def test_moved_head_not_visible_without_source(copy: Callable[[str], Path]) -> None:
@@ -545,21 +577,52 @@ def test_failed_report_formats(
     assert "FAIL" in stdout and "lm_head.weight" in stdout
 
 
-def test_first_difference_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys.modules["gdnfuse.verify.exact"], "CHUNK", 1000)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "page-cache"])
+def test_first_difference_across_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Chunks, pieces shared by workers, unaligned offsets under direct I/O, short files."""
+    exact = importlib.import_module("gdnfuse.verify.exact")
+    monkeypatch.setattr(exact, "CHUNK", 1000)
+    monkeypatch.setattr(exact, "PIECE", 3000)
+    monkeypatch.setattr(exact, "DIRECT", direct)
     a, b = tmp_path / "a", tmp_path / "b"
     data = bytes(range(256)) * 40
     a.write_bytes(b"xx" + data)
-    for at in (0, 999, 1000, 5000, 10239):
+    for at in (0, 999, 1000, 2999, 3000, 5000, 10239):
         changed = bytearray(data)
         changed[at] ^= 1
         b.write_bytes(bytes(changed))
         with Reader() as r:
             assert first_difference(r, (a, 2), (b, 0), len(data)) == at
             assert first_difference(r, (a, 2), (b, 0), at) is None
+            assert r.first_differences([((a, 2), (b, 0), at), ((a, 2), (b, 0), len(data))]) == [
+                None, at]  # fmt: skip
     b.write_bytes(data[:-3])  # a file that ends early differs where it ends
     with Reader() as r:
         assert first_difference(r, (a, 2), (b, 0), len(data)) == len(data) - 3
+        assert r.fd(a)[1] is (direct and _takes_direct_io(a))  # the mode under test ran
+
+
+def _takes_direct_io(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def test_hard_linked_ranges_are_not_read(tmp_path: Path) -> None:
+    """Same file, same offset: identical by construction (a --link output's shards)."""
+    a = tmp_path / "a"
+    a.write_bytes(bytes(range(256)) * 64)
+    os.link(a, tmp_path / "b")
+    read: list[int] = []
+    with Reader(read.append) as r:
+        assert first_difference(r, (a, 0), (tmp_path / "b", 0), a.stat().st_size) is None
+        assert r.linked == a.stat().st_size and read == [a.stat().st_size]
+        assert first_difference(r, (a, 0), (tmp_path / "b", 1), 100) == 0  # other offset: read
+        assert r.linked == a.stat().st_size
 
 
 # --- FP8 ----------------------------------------------------------------------------------------
@@ -621,7 +684,12 @@ def write_fp8(root: Path) -> Path:
     return root
 
 
-def test_fp8_block_scales(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows", [5, None], ids=["5-row-chunks", "default-chunks"])
+def test_fp8_block_scales(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int | None
+) -> None:
+    if rows is not None:  # chunks of 5 rows round up to whole 16-row scale blocks
+        monkeypatch.setattr(importlib.import_module("gdnfuse.verify.numeric"), "ROWS", rows)
     src = write_fp8(tmp_path / "src")
     out = tmp_path / "out"
     convert(src, out, layout="tp-blocked", tp=2, workers=1)

@@ -245,7 +245,8 @@ def _rank_main(rank: int, job: _Job) -> None:
             before = reader.bytes_read
             qkvz, ba, w = load_rank(reader, model, prefix, job.tp, rank)
             rank_read = reader.bytes_read - before
-            x64 = gpu.make_input(w.out_proj.shape[0], job.tokens, job.seed)  # same x on all ranks
+            hidden = w.out_proj_weight().shape[0]
+            x64 = gpu.make_input(hidden, job.tokens, job.seed)  # same x on all ranks
             with torch.no_grad():
                 part = gpu.rank_forward(
                     x64.to(dev, torch.bfloat16), qkvz.to(dev, torch.bfloat16),

@@ -130,7 +130,7 @@ def gdn_core(
     g = -w.A_log.to(ct).exp() * F.softplus(a.to(ct) + w.dt_bias.to(ct))
     o = delta_rule(q, k, v, g, beta, ops)
     o = gated_norm(o, z.reshape(bsz, t, nv, dv), w.norm, w.eps, ops)
-    return F.linear(o.reshape(bsz, t, nv * dv).to(w.out_proj.dtype), w.out_proj)
+    return F.linear(o.reshape(bsz, t, nv * dv).to(w.out_proj_weight().dtype), w.out_proj_weight())
 
 
 def split_in_proj(
@@ -282,7 +282,7 @@ def _to(w: GdnWeights, device: torch.device, dtype: torch.dtype) -> GdnWeights:
     return GdnWeights(
         conv1d=w.conv1d.to(device, dtype), A_log=w.A_log.to(device, gate),
         dt_bias=w.dt_bias.to(device, gate), norm=w.norm.to(device, dtype),
-        out_proj=w.out_proj.to(device, dtype), eps=w.eps,
+        out_proj=w.out_proj_weight().to(device, dtype), eps=w.eps,
     )  # fmt: skip
 
 
@@ -296,7 +296,7 @@ def reference_forward(x64: Tensor, t: LayerTensors, dims: GdnDims) -> Tensor:
     """The float64 CPU reference of the split layer (naive.py), ``[B,T,H]``."""
     w = t.weights
     w64 = GdnWeights(w.conv1d.double(), w.A_log.double(), w.dt_bias.double(), w.norm.double(),
-                     w.out_proj.double(), eps=w.eps)  # fmt: skip
+                     w.out_proj_weight().double(), eps=w.eps)  # fmt: skip
     return naive.split_forward(
         x64, t.qkv.double(), t.z.double(), t.b.double(), t.a.double(), w64, dims
     )

@@ -50,10 +50,16 @@ class GdnWeights:
     """``[nv]``."""
     norm: Tensor
     """``[dv]``, gated RMSNorm weight, applied as ``w`` (not ``1 + w``)."""
-    out_proj: Tensor
-    """``[H, nv*dv]``."""
+    out_proj: Tensor | None = None
+    """``[H, nv*dv]``; None where the caller applies it itself (:func:`gdn_heads`)."""
     eps: float = 1e-6
     """Gated RMSNorm epsilon (``rms_norm_eps``)."""
+
+    def out_proj_weight(self) -> Tensor:
+        """``out_proj``, which this forward needs (the head-output functions do not)."""
+        if self.out_proj is None:
+            raise GdnfuseError("GdnWeights.out_proj is None: apply out_proj to gdn_heads' output")
+        return self.out_proj
 
 
 def shard_weights(w: GdnWeights, dims: GdnDims, tp: int, rank: int) -> GdnWeights:
@@ -77,7 +83,9 @@ def shard_weights(w: GdnWeights, dims: GdnDims, tp: int, rank: int) -> GdnWeight
         A_log=w.A_log[heads],
         dt_bias=w.dt_bias[heads],
         norm=w.norm,
-        out_proj=w.out_proj[:, rank * nv_t * dv : (rank + 1) * nv_t * dv],
+        out_proj=None
+        if w.out_proj is None
+        else w.out_proj[:, rank * nv_t * dv : (rank + 1) * nv_t * dv],
         eps=w.eps,
     )
 
@@ -129,16 +137,16 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x * F.silu(z)
 
 
-def gdn_core(
+def gdn_heads(
     mixed_qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, w: GdnWeights, dims: GdnDims
 ) -> Tensor:
-    """Everything after the in-projections, for the heads that ``dims`` and ``w`` describe.
+    """Everything after the in-projections and before ``out_proj``, for the heads that
+    ``dims`` and ``w`` describe (``w.out_proj`` is not used).
 
     ``mixed_qkv [B, T, 2*nk*dk + nv*dv]`` must already be in conv channel order ``[Q; K; V]``
     (the conv mixes time, so it acts on projected channels, not on heads); ``z [B, T, nv, dv]``,
-    ``b, a [B, T, nv]``. For one TP rank pass that rank's dims and :func:`shard_weights`: the
-    result is then the rank's partial ``out_proj`` output, to be summed over ranks.
-    Returns ``[B, T, H]``.
+    ``b, a [B, T, nv]``. For one TP rank pass that rank's dims and :func:`shard_weights`.
+    Returns the gated, normalised head outputs ``[B, T, nv*dv]``.
     """
     bsz, t, _ = mixed_qkv.shape
     nk, nv, dk, dv = dims.nk, dims.nv, dims.dk, dims.dv
@@ -155,8 +163,27 @@ def gdn_core(
     beta = torch.sigmoid(b)
     g = -w.A_log.exp() * F.softplus(a + w.dt_bias)
     o = gated_delta_rule(q, k, v, g, beta)
-    o = gated_rms_norm(o, z, w.norm, w.eps)
-    return o.reshape(bsz, t, nv * dv) @ w.out_proj.T
+    return gated_rms_norm(o, z, w.norm, w.eps).reshape(bsz, t, nv * dv)
+
+
+def gdn_core(
+    mixed_qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, w: GdnWeights, dims: GdnDims
+) -> Tensor:
+    """:func:`gdn_heads` then ``out_proj``: ``[B, T, H]``. For one TP rank (its dims and
+    :func:`shard_weights`) this is the rank's partial output, to be summed over ranks."""
+    return gdn_heads(mixed_qkv, z, b, a, w, dims) @ w.out_proj_weight().T
+
+
+def split_heads(
+    qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, w: GdnWeights, dims: GdnDims
+) -> Tensor:
+    """:func:`gdn_heads` from the split projections' outputs ``x @ W.T`` (``qkv [B, T,
+    2*nk*dk + nv*dv]``, ``z [B, T, nv*dv]``, ``b, a [B, T, nv]``), as ``Qwen3_5GatedDeltaNet``.
+
+    Taking projected outputs rather than weights lets a caller project in row chunks, so a
+    layer is never held whole (``verify`` at 27B shapes)."""
+    bsz, t, _ = qkv.shape
+    return gdn_heads(qkv, z.reshape(bsz, t, dims.nv, dims.dv), b, a, w, dims)
 
 
 def split_forward(
@@ -172,9 +199,8 @@ def split_forward(
 
     ``x [B, T, H]`` -> ``[B, T, H]``.
     """
-    bsz, t, _ = x.shape
-    z = (x @ z_w.T).reshape(bsz, t, dims.nv, dims.dv)
-    return gdn_core(x @ qkv_w.T, z, x @ b_w.T, x @ a_w.T, w, dims)
+    heads = split_heads(x @ qkv_w.T, x @ z_w.T, x @ b_w.T, x @ a_w.T, w, dims)
+    return heads @ w.out_proj_weight().T
 
 
 def _check_fused_rows(qkvz_w: Tensor, ba_w: Tensor, dims: GdnDims) -> None:
@@ -218,6 +244,39 @@ def _consumer_split(
     )
 
 
+def fused_heads(
+    qkvz: Tensor, ba: Tensor, w: GdnWeights, dims: GdnDims, layout: Layout, tp: int
+) -> Tensor:
+    """:func:`gdn_heads` from the fused projections' outputs (``qkvz = x @ in_proj_qkvz.T``,
+    ``ba = x @ in_proj_ba.T``), as ``tp`` ranks of an engine expecting ``layout`` run them.
+
+    Each rank takes a contiguous ``1/tp`` of the fused output channels (column-parallel
+    in-projection: the same as taking ``1/tp`` of the fused rows), splits it per the layout's
+    consumer and runs its own heads. The ranks' head outputs are concatenated in rank order,
+    which is the value-head order ``out_proj``'s columns follow: applying ``out_proj`` to the
+    result is the row-parallel sum of the ranks' partial outputs.
+    """
+    check_tp(dims, tp)
+    if qkvz.shape[-1] != dims.qkvz_rows or ba.shape[-1] != dims.ba_rows:
+        raise GdnfuseError(
+            f"fused weights have {qkvz.shape[-1]} and {ba.shape[-1]} rows, expected "
+            f"{dims.qkvz_rows} (in_proj_qkvz) and {dims.ba_rows} (in_proj_ba)"
+        )
+    local = GdnDims(dims.nk // tp, dims.nv // tp, dims.dk, dims.dv)
+    qkvz_t, ba_t = dims.qkvz_rows // tp, dims.ba_rows // tp
+    parts = []
+    for rank in range(tp):
+        q, k, v, z, b, a = _consumer_split(
+            qkvz[..., rank * qkvz_t : (rank + 1) * qkvz_t],
+            ba[..., rank * ba_t : (rank + 1) * ba_t],
+            local,
+            layout,
+        )
+        mixed_qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+        parts.append(gdn_heads(mixed_qkv, z, b, a, shard_weights(w, dims, tp, rank), local))
+    return torch.cat(parts, dim=-1)
+
+
 def fused_forward(
     x: Tensor,
     qkvz_w: Tensor,
@@ -227,24 +286,10 @@ def fused_forward(
     layout: Layout,
     tp: int,
 ) -> Tensor:
-    """The layer from fused projections, as ``tp`` ranks of an engine expecting ``layout`` run it.
-
-    Each rank takes a contiguous ``1/tp`` of the fused rows (column-parallel in-projection),
-    splits its local output per the layout's consumer, runs its own heads, and produces a
-    partial ``out_proj`` output; the ranks' partials are summed (row-parallel all-reduce).
-    """
-    check_tp(dims, tp)
+    """The layer from fused projections, as ``tp`` ranks of an engine expecting ``layout`` run it
+    (:func:`fused_heads`, then ``out_proj``). ``x [B, T, H]`` -> ``[B, T, H]``."""
     _check_fused_rows(qkvz_w, ba_w, dims)
-    local = GdnDims(dims.nk // tp, dims.nv // tp, dims.dk, dims.dv)
-    qkvz_t, ba_t = dims.qkvz_rows // tp, dims.ba_rows // tp
-    parts = []
-    for rank in range(tp):
-        qkvz = x @ qkvz_w[rank * qkvz_t : (rank + 1) * qkvz_t].T
-        ba = x @ ba_w[rank * ba_t : (rank + 1) * ba_t].T
-        q, k, v, z, b, a = _consumer_split(qkvz, ba, local, layout)
-        mixed_qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
-        parts.append(gdn_core(mixed_qkv, z, b, a, shard_weights(w, dims, tp, rank), local))
-    return torch.stack(parts).sum(dim=0)
+    return fused_heads(x @ qkvz_w.T, x @ ba_w.T, w, dims, layout, tp) @ w.out_proj_weight().T
 
 
 def resplit(

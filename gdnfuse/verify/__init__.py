@@ -20,10 +20,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from gdnfuse.arch import TARGET_MODEL_TYPE
 from gdnfuse.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
@@ -144,6 +146,32 @@ def verify(
         layout_check = [replace(c, seconds=spent) for c in layout_check]
     begin("structure")
     checks: list[CheckResult] = check_structure(ck)
+    n_layers = len(selected)
+    layer_now, layer_line = [""], [""]  # while the byte comparison runs / after it
+    exact_done = [src is None]
+
+    def layer(i: int, prefix: str) -> None:
+        layer_now[0] = f"; numeric forward: {i + 1} of {n_layers} GDN layers"
+        layer_line[0] = (f"numeric forward: {prefix.removesuffix('.')} ({i + 1} of {n_layers} "
+                         "GDN layers, float64)")  # fmt: skip
+        if exact_done[0]:
+            tell(layer_line[0], step_now[0], total)
+
+    def run_numeric() -> tuple[list[CheckResult], float]:
+        from gdnfuse.verify.numeric import check_numeric
+
+        began = time.perf_counter()
+        found = check_numeric(ck, src, selected, tp=tp, device=device, on_layer=layer)
+        return found, time.perf_counter() - began
+
+    # The byte comparison waits on the disk and the float64 forward on the CPU: on CPU they
+    # run together. torch is imported first: its libraries, paged in from a cold cache behind
+    # the comparison's queue of reads, took 12 s instead of 1.5 s.
+    background = None
+    if numeric and src is not None and device == "cpu":
+        import gdnfuse.verify.numeric  # noqa: F401
+
+        background = _Background(run_numeric)
     if src is not None:
         from gdnfuse.verify.exact import check_exact
 
@@ -154,26 +182,19 @@ def verify(
 
         def compared(n: int) -> None:
             seen[0] += n
-            tell(f"exact bytes: {_size(seen[0])} of {_size(size)}", index, total)
+            tell(f"exact bytes: {_size(seen[0])} of {_size(size)}{layer_now[0]}", index, total)
 
         exact = check_exact(ck, src, compared)
+        exact_done[0] = True
         lead = sum(1 for c in exact[:1] if c.name == "exact.source")  # is it the source? first
         checks += exact[:lead] + layout_check + exact[lead:]
     else:
         checks.append(skipped("exact", "no --against: bytes not compared with the source"))
     if numeric:
-        from gdnfuse.verify.numeric import check_numeric
-
-        begin(f"numeric forward ({len(selected)} GDN layers, float64)")
-        index = step_now[0]
-
-        def layer(i: int, prefix: str) -> None:
-            tell(f"numeric forward: {prefix.removesuffix('.')} ({i + 1} of {len(selected)} "
-                 "GDN layers, float64)", index, total)  # fmt: skip
-
-        started_numeric = time.perf_counter()
-        numeric_checks = check_numeric(ck, src, selected, tp=tp, device=device, on_layer=layer)
-        spent = time.perf_counter() - started_numeric
+        begin(f"numeric forward ({n_layers} GDN layers, float64)")
+        if layer_line[0]:  # where the check running alongside has got to
+            tell(layer_line[0], step_now[0], total)
+        numeric_checks, spent = background.result() if background else run_numeric()
         checks += [replace(c, seconds=spent) for c in numeric_checks]
         if device != "cpu":
             gpu_tp = tp or (ck.record.tp if ck.record else 1)
@@ -259,6 +280,29 @@ def _loaded_by(ck: FusedCheckpoint, rows: Rows | None) -> tuple[str, ...] | None
         return None
     labels = {s.name: s.label for s in engines.ENGINES}
     return tuple(labels[n] for n, v in found.items() if v.outcome is engines.Outcome.LOADS)
+
+
+class _Background:
+    """``fn()`` on a daemon thread: a Ctrl-C in the main thread is not held up by it."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
+                                        name="gdnfuse-numeric")  # fmt: skip
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _size(n: int) -> str:
