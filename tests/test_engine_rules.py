@@ -1,6 +1,6 @@
 """The engine rules (gdnfuse.engines), checked as data: what --engine writes, what the
 verdicts say, the stamp, and the README table. The real engines judge the same outputs in
-test_engine_vllm.py, test_engine_sglang.py and test_engine_transformers.py."""
+test_engine_*.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A new user's first hour (issue 14): install, environment errors, CI-readable output,
-dry-run, the Python API, the record, the demo and synth. Each test failed before its fix."""
+"""Installing, the Python API and what a run prints (a new user's first hour, issue 14):
+install, environment errors, CI-readable output, dry-run, the Python API, the record, the
+demo and synth. Each test failed before its fix."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Faults an adversarial tester found (issue 13): each test reproduces one, with real
-processes, signals, tmpfs and bind mounts where the fault needs them (CI runs as root).
+"""The output directory under adversarial use (faults a tester found, issue 13): each test
+reproduces one, with real processes, signals, tmpfs and bind mounts where the fault needs
+them (CI runs as root).
 
 1. two runs on one --out: the second is refused at once naming the first; a killed run's
    lock does not block --resume; 2. --overwrite after an interrupted run (or an interrupted
@@ -34,7 +35,7 @@ from corrupt import (
     sigint_default,
     weight_map,
 )
-from test_faults import _stopped, fill, small_fs  # noqa: F401 (small_fs is a fixture)
+from test_crash_safety import _stopped, fill, small_fs  # noqa: F401 (small_fs is a fixture)
 
 from gdnfuse.convert import MANIFEST_NAME, convert
 from gdnfuse.errors import GdnfuseError

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_arch import fuse_experts_on_disk
+from test_qwen3_next_output import fuse_experts_on_disk
 from test_verify import (
     edit_json,
     failures,
