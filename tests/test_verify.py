@@ -240,23 +240,24 @@ def test_qkvz_key_head_groups_swapped(
     assert {c["name"] for c in failures(report)} == {"exact.fused", "numeric.forward"}
 
 
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("widen", [1, 7 * 8 * 64])
 def test_numeric_check_reads_weights_in_row_chunks(
     made: dict[str, Path],
     copy: Callable[[str], Path],
     monkeypatch: pytest.MonkeyPatch,
-    rows: int,
+    widen: int,
 ) -> None:
     """No projection is ever read whole (memory stays bounded at any model size), and the
     chunked forward still passes a good output and fails a bad one, with or without source."""
     numeric = importlib.import_module("gdnfuse.verify.numeric")
-    monkeypatch.setattr(numeric, "ROWS", rows)
+    monkeypatch.setattr(numeric, "WIDEN", widen)  # bytes of float64: 1 row, or 7 of 64 columns
     monkeypatch.setattr(numeric, "READ", 1)  # one chunk per read
-    widest: dict[str, int] = {}
+    widest: dict[str, tuple[int, int]] = {}
     real = numeric.Weights._stored
 
     def stored(self: Any, name: str, start: int, stop: int) -> Any:
-        widest[name] = max(widest.get(name, 0), stop - start)
+        cols = math.prod(self.tensors[name].info.shape[1:])
+        widest[name] = max(widest.get(name, (0, cols)), (stop - start, cols))
         return real(self, name, start, stop)
 
     monkeypatch.setattr(numeric.Weights, "_stored", stored)
@@ -264,7 +265,9 @@ def test_numeric_check_reads_weights_in_row_chunks(
         assert verify(made[key], against=made["src"]).ok
         assert verify(made[key]).ok
     projections = {n: w for n, w in widest.items() if "proj" in n}
-    assert projections and max(projections.values()) == rows
+    step = {n: max(1, widen // (8 * cols)) for n, (_, cols) in projections.items()}
+    assert projections and all(rows <= step[n] for n, (rows, _) in projections.items())
+    assert any(rows == step[n] > 1 or widen == 1 for n, (rows, _) in projections.items())
     out = copy("q")
     swap_rows(out, QKVZ1, 0, GROUP_ROWS, GROUP_ROWS)
     bad = verify(out, against=made["src"])
@@ -586,6 +589,7 @@ def test_first_difference_across_chunks(
     monkeypatch.setattr(exact, "CHUNK", 1000)
     monkeypatch.setattr(exact, "PIECE", 3000)
     monkeypatch.setattr(exact, "DIRECT", direct)
+    monkeypatch.setattr(exact, "DIRECT_MIN", 0)  # every read direct (when direct)
     a, b = tmp_path / "a", tmp_path / "b"
     data = bytes(range(256)) * 40
     a.write_bytes(b"xx" + data)
@@ -601,7 +605,7 @@ def test_first_difference_across_chunks(
     b.write_bytes(data[:-3])  # a file that ends early differs where it ends
     with Reader() as r:
         assert first_difference(r, (a, 2), (b, 0), len(data)) == len(data) - 3
-        assert r.fd(a)[1] is (direct and _takes_direct_io(a))  # the mode under test ran
+        assert r.fd(str(a), True)[1] is (direct and _takes_direct_io(a))  # the mode ran
 
 
 def _takes_direct_io(path: Path) -> bool:
@@ -684,12 +688,14 @@ def write_fp8(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("rows", [5, None], ids=["5-row-chunks", "default-chunks"])
+@pytest.mark.parametrize("widen", [5 * 36 * 8, None], ids=["5-row-chunks", "default-chunks"])
 def test_fp8_block_scales(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int | None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, widen: int | None
 ) -> None:
-    if rows is not None:  # chunks of 5 rows round up to whole 16-row scale blocks
-        monkeypatch.setattr(importlib.import_module("gdnfuse.verify.numeric"), "ROWS", rows)
+    if widen is not None:  # chunks of 5 rows round up to whole 16-row scale blocks
+        numeric = importlib.import_module("gdnfuse.verify.numeric")
+        monkeypatch.setattr(numeric, "WIDEN", widen)
+        monkeypatch.setattr(numeric, "READ", 1)
     src = write_fp8(tmp_path / "src")
     out = tmp_path / "out"
     convert(src, out, layout="tp-blocked", tp=2, workers=1)

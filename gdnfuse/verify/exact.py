@@ -57,13 +57,19 @@ disk) took 17-19 s with 4 workers x 8 MB, 14.5 s with 8 x 16 MB and 13 s with 12
 one range at a time through the page cache, 20-28 s. Memory: ``2 * CHUNK`` per worker."""
 DIRECT = True
 """Read around the page cache (``O_DIRECT``) where the filesystem allows it."""
+DIRECT_MIN = 1 << 20
+"""Shorter reads go through the page cache: neighbouring small tensors (a MoE's 16 KB experts)
+then come from the kernel's readahead instead of one disk round trip each (a 93k-tensor MoE:
+27 s direct)."""
 ALIGN = 4096
 """Direct I/O alignment of offsets, lengths and buffers (any logical block size divides it)."""
 MAX_HINTS = 4
 """Failing fused tensors for which other layouts are tried (each try re-reads the tensor)."""
 
-Span = tuple[tuple[Path, int], tuple[Path, int], int]
+Span = tuple[tuple[str, int], tuple[str, int], int]
 """``((file_a, offset_a), (file_b, offset_b), length)``: two byte ranges to compare."""
+Piece = tuple[int, tuple[str, int], tuple[str, int], int, int]
+"""``(span index, a, b, start, length)``: part of a span, one worker's unit of reading."""
 
 # memcmp from the C library: compares two aligned read buffers at any offsets without a
 # copy and without the GIL (ctypes releases it), which Python's bytes offer only for whole
@@ -98,14 +104,14 @@ class Reader(AbstractContextManager["Reader"]):
 
     def __init__(self, on_read: Callable[[int], None] | None = None) -> None:
         self._opened: list[int] = []
-        self._ids: dict[Path, tuple[int, int]] = {}
+        self._ids: dict[str, tuple[int, int]] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._on_read = on_read
         self._pool: ThreadPoolExecutor | None = None
         self.linked = 0
 
-    def _open(self, path: Path, direct: bool) -> tuple[int, bool]:
+    def _open(self, path: str, direct: bool) -> tuple[int, bool]:
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(path, flags | (getattr(os, "O_DIRECT", 0) if direct else 0))
@@ -119,16 +125,18 @@ class Reader(AbstractContextManager["Reader"]):
             self._ids[path] = (st.st_dev, st.st_ino)
         return fd, direct
 
-    def fd(self, path: Path) -> tuple[int, bool]:
-        """This thread's descriptor for ``path``, and whether it reads directly."""
-        fds: dict[Path, tuple[int, bool]] = self._local.__dict__.setdefault("fds", {})
-        if path not in fds:
-            fds[path] = self._open(path, DIRECT and hasattr(os, "O_DIRECT"))
-        return fds[path]
+    def fd(self, path: str, direct: bool = False) -> tuple[int, bool]:
+        """This thread's descriptor for ``path`` (``direct``: one around the page cache, where
+        the filesystem allows), and whether it reads directly."""
+        fds: dict[tuple[str, bool], tuple[int, bool]] = self._local.__dict__.setdefault(
+            "fds", {})  # fmt: skip
+        if (path, direct) not in fds:
+            fds[path, direct] = self._open(path, direct and DIRECT and hasattr(os, "O_DIRECT"))
+        return fds[path, direct]
 
-    def _buffered(self, path: Path) -> None:
+    def _buffered(self, path: str) -> None:
         """Read ``path`` through the page cache instead: direct reads were refused."""
-        self._local.fds[path] = self._open(path, False)
+        self._local.fds[path, True] = self.fd(path)
 
     def _read(self, n: int) -> None:
         if self._on_read is not None:
@@ -138,28 +146,41 @@ class Reader(AbstractContextManager["Reader"]):
     def first_differences(self, spans: Sequence[Span]) -> list[int | None]:
         """For each span, the offset of the first byte where its two ranges differ, else None.
 
-        The spans are cut into ``PIECE``-sized jobs compared concurrently; a file that ends
-        early differs where it ends."""
-        jobs = []
+        The spans are cut, or grouped, into jobs of about ``PIECE`` bytes compared
+        concurrently (a 93k-tensor MoE is a few hundred jobs, not 93k); a file that ends early
+        differs where it ends."""
+        jobs: list[list[Piece]] = [[]]
+        size = 0
         for i, (a, b, length) in enumerate(spans):
             self.fd(a[0]), self.fd(b[0])  # fails here, in order, on an unreadable file
             if self._ids[a[0]] == self._ids[b[0]] and a[1] == b[1]:
                 self.linked += length
                 self._read(length)
                 continue
-            jobs += [(i, a, b, p, min(PIECE, length - p)) for p in range(0, length, PIECE)]
+            for p in range(0, length, PIECE):
+                n = min(PIECE, length - p)
+                if size + n > PIECE and jobs[-1]:
+                    jobs.append([])
+                    size = 0
+                jobs[-1].append((i, a, b, p, n))
+                size += n
+        jobs = [j for j in jobs if j]
         found: list[int | None] = [None] * len(spans)
         if self._pool is None and len(jobs) > 1:
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="gdnfuse-compare")
-        results = self._pool.map(self._piece, jobs) if self._pool else map(self._piece, jobs)
-        for (i, *_), d in zip(jobs, results, strict=True):
-            if d is not None and (found[i] is None or d < found[i]):  # type: ignore[operator]
-                found[i] = d
+        results = self._pool.map(self._job, jobs) if self._pool else map(self._job, jobs)
+        for job, ds in zip(jobs, results, strict=True):
+            for (i, *_), d in zip(job, ds, strict=True):
+                if d is not None and (found[i] is None or d < found[i]):  # type: ignore[operator]
+                    found[i] = d
         return found
 
-    def _chunk(self, path: Path, buf: _Buffer, offset: int, n: int) -> tuple[int, int]:
+    def _job(self, job: list[Piece]) -> list[int | None]:
+        return [self._piece(piece) for piece in job]
+
+    def _chunk(self, path: str, buf: _Buffer, offset: int, n: int) -> tuple[int, int]:
         """Read ``n`` bytes at ``offset`` into ``buf``: ``(where in buf, bytes got)``."""
-        fd, direct = self.fd(path)
+        fd, direct = self.fd(path, n >= DIRECT_MIN)
         if direct:
             start = offset - offset % ALIGN
             end = -(-(offset + n) // ALIGN) * ALIGN
@@ -173,8 +194,8 @@ class Reader(AbstractContextManager["Reader"]):
             return offset - start, max(0, min(n, got - (offset - start)))
         return 0, _read_into(fd, buf.view[:n], offset)
 
-    def _piece(self, job: tuple[int, tuple[Path, int], tuple[Path, int], int, int]) -> int | None:
-        _, (pa, oa), (pb, ob), start, length = job
+    def _piece(self, piece: Piece) -> int | None:
+        _, (pa, oa), (pb, ob), start, length = piece
         bufs = self._local.__dict__.get("bufs")
         if bufs is None:
             bufs = self._local.bufs = (_Buffer(CHUNK + 2 * ALIGN), _Buffer(CHUNK + 2 * ALIGN))
@@ -220,13 +241,13 @@ def _mismatch(x: bytes, y: bytes) -> int:
 
 
 def first_difference(
-    reader: Reader, a: tuple[Path, int], b: tuple[Path, int], length: int
+    reader: Reader, a: tuple[str | Path, int], b: tuple[str | Path, int], length: int
 ) -> int | None:
     """Offset of the first byte where ``length`` bytes at ``a`` and ``b`` differ, else None.
 
     ``a`` and ``b`` are ``(file, offset)``; a file that ends early differs where it ends.
     """
-    return reader.first_differences([(a, b, length)])[0]
+    return reader.first_differences([((str(a[0]), a[1]), (str(b[0]), b[1]), length)])[0]
 
 
 def check_exact(
@@ -341,9 +362,10 @@ def _side_files(
                    f"{len(names)} side files identical to the source{gone}")  # fmt: skip
 
 
-def _start(root: Path, shards: Any, ref: TensorRef) -> tuple[Path, int]:
-    """File and absolute offset of a tensor's first byte."""
-    return root / ref.file, shards[ref.file].data_start + ref.info.begin
+def _start(root: Path, shards: Any, ref: TensorRef) -> tuple[str, int]:
+    """File and absolute offset of a tensor's first byte (a ``str``: a ``Path`` per tensor
+    cost a 93k-tensor MoE seconds of parsing and hashing)."""
+    return os.path.join(root, ref.file), shards[ref.file].data_start + ref.info.begin
 
 
 def _first_bad_run(
@@ -541,7 +563,7 @@ def _others(
             continue
         compare.append((tensor, out, want))
     linked = reader.linked
-    found = reader.first_differences([_span(ck, src, out, want) for _, out, want in compare])
+    found = reader.first_differences([_span(ck, src, theirs, out, w) for _, out, w in compare])
     linked = reader.linked - linked
     for (tensor, out, want), d in zip(compare, found, strict=True):
         a = out.info
@@ -553,7 +575,7 @@ def _others(
             sib = want.sibling
             if sib is not None and sib[0] in theirs:
                 other = Source(sib[0], sib[1], want.length, want.shape, sib[2])
-                if reader.first_differences([_span(ck, src, out, other)])[0] is None:
+                if reader.first_differences([_span(ck, src, theirs, out, other)])[0] is None:
                     detail += (
                         f"; its bytes are {sib[0]} {sib[2]}".rstrip() + ": gate and up swapped"
                     )
@@ -599,7 +621,11 @@ def _label(names: Names, want: Source) -> str:
     return f"{want.tensor} {want.what}".rstrip() if names.relabelled or want.what else "the source"
 
 
-def _span(ck: FusedCheckpoint, src: Checkpoint, out: TensorRef, want: Source) -> Span:
-    """An output tensor's bytes and the source bytes it must equal."""
-    path, start = _start(src.root, src.shards, src.tensors[want.tensor])
+def _span(
+    ck: FusedCheckpoint, src: Checkpoint, theirs: Mapping[str, TensorRef], out: TensorRef,
+    want: Source,
+) -> Span:
+    """An output tensor's bytes and the source bytes it must equal (``theirs``: the source's
+    tensors, built once: ``Checkpoint.tensors`` builds the whole map on each access)."""
+    path, start = _start(src.root, src.shards, theirs[want.tensor])
     return _start(ck.root, ck.shards, out), (path, start + want.offset), want.length
