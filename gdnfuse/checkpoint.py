@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ class Checkpoint:
     ignored: tuple[str, ...] = ()  # *.safetensors the index does not name (not part of the model)
     not_regular: tuple[str, ...] = ()  # FIFOs and other non-regular files: never read
 
-    @property
+    @cached_property
     def tensors(self) -> dict[str, TensorRef]:
+        """Every tensor, built once (a MoE has 200k: callers in loops must not rebuild it)."""
         return self.select(lambda name: True)
 
     def select(self, keep: Callable[[str], bool]) -> dict[str, TensorRef]:

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from gdnfuse.checkpoint import INDEX_NAME
 from gdnfuse.cli import app
 from gdnfuse.convert import MANIFEST_NAME, convert
+from gdnfuse.errors import GdnfuseError
 from gdnfuse.record import RECORD_KEY
 from gdnfuse.safetensors_file import encode_header, read_header
 from gdnfuse.synthetic import write_checkpoint
@@ -708,3 +709,52 @@ def test_fp8_block_scales(
     names = {(c.name, c.tensor) for c in report.checks if not c.ok}
     assert ("exact.fused", scale) in names
     assert ("numeric.forward", f"{P}layers.0.linear_attn.in_proj_qkvz.weight") in names
+
+
+def test_fp8_scales_that_do_not_cover_the_weight_are_named(tmp_path: Path) -> None:
+    """The numeric check reads FP8 weights in chunks; a scale grid of the wrong shape is
+    refused for the whole weight before any chunk is dequantized."""
+    from gdnfuse.checkpoint import open_checkpoint
+
+    numeric = importlib.import_module("gdnfuse.verify.numeric")
+    src = open_checkpoint(write_fp8(tmp_path / "src"))
+    name = f"{P}layers.0.linear_attn.in_proj_qkv.weight"
+    good = numeric.Weights(src.root, src.shards, src.tensors, (16, 16), "cpu")
+    assert good.load(name).dtype == torch.float64
+    scale = src.tensors[f"{name}_scale_inv"]
+    rows, cols = scale.info.shape
+    short = {**src.tensors, f"{name}_scale_inv": scale._replace(
+        info=scale.info._replace(shape=(rows - 1, cols)))}  # fmt: skip
+    bad = numeric.Weights(src.root, src.shards, short, (16, 16), "cpu")
+    with pytest.raises(GdnfuseError, match=r"scale shape .* does not cover weight") as e:
+        bad.project(torch.zeros(1, 2, bad.tensors[name].info.shape[1], dtype=torch.float64), name)
+    assert e.value.tensor == name
+
+
+@pytest.mark.parametrize("widen", [8 * 256 * 40, None], ids=["40-row-chunks", "default-chunks"])
+def test_fp8_release_shaped_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, widen: int | None
+) -> None:
+    """A released-shaped FP8 source (ConditionalGeneration, vision tower, MTP, RoPE base 1e7
+    with an M-RoPE section, 128 x 128 blocks as Qwen3.5-FP8): the chunked float64 check passes
+    its conversion, with chunks that split a scale block (rounded up to whole blocks) or not,
+    and fails it once two q heads' weight scales are swapped."""
+    from engine_models import build_vl, fp8_copy
+
+    if widen is not None:
+        numeric = importlib.import_module("gdnfuse.verify.numeric")
+        monkeypatch.setattr(numeric, "WIDEN", widen)
+        monkeypatch.setattr(numeric, "READ", 1)
+    src = fp8_copy(build_vl(tmp_path / "bf16", moe=False, r=2, head_dim=128, dk=128),
+                   tmp_path / "fp8")  # fmt: skip
+    config = json.loads((src / "config.json").read_text())
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == 1e7
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    out = tmp_path / "out"
+    convert(src, out, layout="tp-blocked", tp=2, workers=1)
+    report = verify(out, against=src)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    qkvz = f"{P}layers.0.linear_attn.in_proj_qkvz.weight"
+    swap_rows(out, f"{qkvz}_scale_inv", 0, 1, 1)  # q heads 0 and 1 (one 128-row block each)
+    report = verify(out, against=src)
+    assert ("numeric.forward", qkvz) in {(c.name, c.tensor) for c in report.checks if not c.ok}

@@ -166,14 +166,6 @@ def gdn_heads(
     return gated_rms_norm(o, z, w.norm, w.eps).reshape(bsz, t, nv * dv)
 
 
-def gdn_core(
-    mixed_qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, w: GdnWeights, dims: GdnDims
-) -> Tensor:
-    """:func:`gdn_heads` then ``out_proj``: ``[B, T, H]``. For one TP rank (its dims and
-    :func:`shard_weights`) this is the rank's partial output, to be summed over ranks."""
-    return gdn_heads(mixed_qkv, z, b, a, w, dims) @ w.out_proj_weight().T
-
-
 def split_heads(
     qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, w: GdnWeights, dims: GdnDims
 ) -> Tensor:
@@ -203,10 +195,10 @@ def split_forward(
     return heads @ w.out_proj_weight().T
 
 
-def _check_fused_rows(qkvz_w: Tensor, ba_w: Tensor, dims: GdnDims) -> None:
-    if qkvz_w.shape[0] != dims.qkvz_rows or ba_w.shape[0] != dims.ba_rows:
+def _check_fused_rows(qkvz_rows: int, ba_rows: int, dims: GdnDims) -> None:
+    if qkvz_rows != dims.qkvz_rows or ba_rows != dims.ba_rows:
         raise GdnfuseError(
-            f"fused weights have {qkvz_w.shape[0]} and {ba_w.shape[0]} rows, expected "
+            f"fused weights have {qkvz_rows} and {ba_rows} rows, expected "
             f"{dims.qkvz_rows} (in_proj_qkvz) and {dims.ba_rows} (in_proj_ba)"
         )
 
@@ -257,11 +249,7 @@ def fused_heads(
     result is the row-parallel sum of the ranks' partial outputs.
     """
     check_tp(dims, tp)
-    if qkvz.shape[-1] != dims.qkvz_rows or ba.shape[-1] != dims.ba_rows:
-        raise GdnfuseError(
-            f"fused weights have {qkvz.shape[-1]} and {ba.shape[-1]} rows, expected "
-            f"{dims.qkvz_rows} (in_proj_qkvz) and {dims.ba_rows} (in_proj_ba)"
-        )
+    _check_fused_rows(qkvz.shape[-1], ba.shape[-1], dims)
     local = GdnDims(dims.nk // tp, dims.nv // tp, dims.dk, dims.dv)
     qkvz_t, ba_t = dims.qkvz_rows // tp, dims.ba_rows // tp
     parts = []
@@ -288,7 +276,6 @@ def fused_forward(
 ) -> Tensor:
     """The layer from fused projections, as ``tp`` ranks of an engine expecting ``layout`` run it
     (:func:`fused_heads`, then ``out_proj``). ``x [B, T, H]`` -> ``[B, T, H]``."""
-    _check_fused_rows(qkvz_w, ba_w, dims)
     return fused_heads(x @ qkvz_w.T, x @ ba_w.T, w, dims, layout, tp) @ w.out_proj_weight().T
 
 
@@ -299,7 +286,7 @@ def resplit(
 
     Pure row copies (any dtype), driven by the layout's run table read backwards.
     """
-    _check_fused_rows(qkvz_w, ba_w, dims)
+    _check_fused_rows(qkvz_w.shape[0], ba_w.shape[0], dims)
     out: dict[str, Tensor] = {}
     for name, tensor in ((QKVZ, qkvz_w), (BA, ba_w)):
         for source, placed in unfuse_runs(fused_runs(name, dims, layout, tp)).items():

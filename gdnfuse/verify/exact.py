@@ -563,7 +563,7 @@ def _others(
             continue
         compare.append((tensor, out, want))
     linked = reader.linked
-    found = reader.first_differences([_span(ck, src, theirs, out, w) for _, out, w in compare])
+    found = reader.first_differences([_span(ck, src, out, want) for _, out, want in compare])
     linked = reader.linked - linked
     for (tensor, out, want), d in zip(compare, found, strict=True):
         a = out.info
@@ -575,7 +575,7 @@ def _others(
             sib = want.sibling
             if sib is not None and sib[0] in theirs:
                 other = Source(sib[0], sib[1], want.length, want.shape, sib[2])
-                if reader.first_differences([_span(ck, src, theirs, out, other)])[0] is None:
+                if reader.first_differences([_span(ck, src, out, other)])[0] is None:
                     detail += (
                         f"; its bytes are {sib[0]} {sib[2]}".rstrip() + ": gate and up swapped"
                     )
@@ -621,11 +621,7 @@ def _label(names: Names, want: Source) -> str:
     return f"{want.tensor} {want.what}".rstrip() if names.relabelled or want.what else "the source"
 
 
-def _span(
-    ck: FusedCheckpoint, src: Checkpoint, theirs: Mapping[str, TensorRef], out: TensorRef,
-    want: Source,
-) -> Span:
-    """An output tensor's bytes and the source bytes it must equal (``theirs``: the source's
-    tensors, built once: ``Checkpoint.tensors`` builds the whole map on each access)."""
-    path, start = _start(src.root, src.shards, theirs[want.tensor])
+def _span(ck: FusedCheckpoint, src: Checkpoint, out: TensorRef, want: Source) -> Span:
+    """An output tensor's bytes and the source bytes it must equal."""
+    path, start = _start(src.root, src.shards, src.tensors[want.tensor])
     return _start(ck.root, ck.shards, out), (path, start + want.offset), want.length
